@@ -1,0 +1,47 @@
+"""Loading csrc's CUDA extension, ``ffc_kernels._C``, and recording why it is missing.
+
+The extension is built only on request (``FFC_KERNELS_BUILD_EXT=1 pip install -e .`` with
+``CUDA_HOME`` set; see csrc/README.md). Importing this module never initialises CUDA and never
+raises: a missing or broken extension is recorded, and ``why_unavailable()`` says why.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch  # loads libtorch, which the extension links against
+
+NOT_BUILT = "not built: set FFC_KERNELS_BUILD_EXT=1 and reinstall"
+
+try:
+    _C = importlib.import_module("ffc_kernels._C")
+
+    _WHY = None
+except ModuleNotFoundError as exc:
+    _C = None
+    _WHY = NOT_BUILT if exc.name == "ffc_kernels._C" else f"ffc_kernels._C failed to import: {exc}"
+except Exception as exc:  # ImportError from the loader (undefined symbol, wrong torch ABI), OSError
+    _C = None
+    _WHY = f"ffc_kernels._C failed to import: {type(exc).__name__}: {exc}"
+
+
+def available() -> bool:
+    """Whether ``ffc_kernels._C`` is importable (says nothing about a GPU being present)."""
+    return _C is not None
+
+
+def why_unavailable() -> str | None:
+    """Why the extension cannot be used, or None when it can."""
+    return _WHY
+
+
+def spectral_mix(spec: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 relu: bool) -> torch.Tensor:
+    """The CUDA kernel of csrc/spectral_mix.cu: LaMa FourierUnit's 1x1 conv on rfft2's output.
+
+    ``spec`` complex64 (B, Ci, H, Wf) on CUDA, spatial dims contiguous; ``weight`` fp32
+    (2Co, 2Ci) with BatchNorm folded in, channel 2c = Re, 2c + 1 = Im; ``bias`` fp32 (2Co,) or
+    None; returns complex64 (B, Co, H, Wf), ReLU applied to real and imaginary parts if ``relu``.
+    """
+    if _C is None:
+        raise RuntimeError(f"ffc_kernels CUDA extension unavailable: {_WHY}")
+    return _C.spectral_mix(spec, weight, bias, bool(relu))

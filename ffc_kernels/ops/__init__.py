@@ -1,0 +1,1 @@
+"""Fused ops: each file holds one op's reference math, kernel, launcher and torch fallback."""

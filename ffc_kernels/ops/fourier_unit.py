@@ -1,0 +1,42 @@
+"""A whole LaMa FourierUnit (eval): rfft2 -> fused spectral mix -> irfft2, with no scale passes.
+
+What is fused. Eager LaMa runs rfft2 (ortho: transform + scale pass), the seven-kernel
+stack/permute/conv/BN/ReLU/permute/complex chain, and irfft2 (ortho: transform + scale pass).
+Here the transforms run unnormalised (``norm="backward"`` forward, ``norm="forward"`` inverse:
+torch adds no scale pass for either), and the normalisation folds into the mix: with a the
+forward and c the inverse scale of ``fft_norm`` (ortho: a = c = 1/sqrt(HW)), ReLU being
+positively homogeneous,
+    c * irfft(relu(W a X + b)) = irfft(relu((a c) W X + c b)),
+so ``spectral_mix`` gets weight_scale = a*c and bias_scale = c. The C2R transform sees
+exactly the values LaMa's does (up to rounding), so its treatment of the non-Hermitian
+imaginary parts at frequencies 0 and W/2 (which ReLU creates) is the same.
+
+Bytes (fp32, C channels, P = H*W pixels, N = H*(W/2+1) ~ P/2 spectral points):
+    eager: rfft2 + scale (~4CP + 16CN) + mix chain (120CN) + irfft2 + scale (~4CP + 16CN,
+           plus the C2R clone 16CN) ~ 8CP + 168CN ~ 92CP bytes
+    fused: rfft2 (4CP + 8CN) + mix (16CN) + irfft2 (C2R clone 16CN + 4CP) ~ 8CP + 40CN ~ 28CP.
+The FFTs stay cuFFT's (pocketfft on CPU); they run in fp32 whatever the input dtype, since
+torch.fft rejects bf16 and fp16 overflows at LaMa's sizes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ffc_kernels.ops.spectral_mix import spectral_mix
+
+_FORWARD_SCALE = {"backward": lambda hw: 1.0, "ortho": lambda hw: 1.0 / math.sqrt(hw), "forward": lambda hw: 1.0 / hw}
+_INVERSE_SCALE = {"backward": lambda hw: 1.0 / hw, "ortho": lambda hw: 1.0 / math.sqrt(hw), "forward": lambda hw: 1.0}
+
+
+def fourier_unit(x, packed_weight, bias, *, fft_norm="ortho", precision=None, backend=None):
+    """LaMa's FourierUnit with the mix weights packed by ``spectral_mix.pack_weight``; fp32 out."""
+    if fft_norm not in _FORWARD_SCALE:
+        raise ValueError(f"fft_norm must be one of {sorted(_FORWARD_SCALE)}, got {fft_norm!r}")
+    h, w = x.shape[-2:]
+    a, c = _FORWARD_SCALE[fft_norm](h * w), _INVERSE_SCALE[fft_norm](h * w)
+    spec = torch.fft.rfft2(x.float(), norm="backward")
+    mixed = spectral_mix(spec, packed_weight, bias, relu=True, weight_scale=a * c, bias_scale=c,
+                         precision=precision, backend=backend)
+    return torch.fft.irfft2(mixed, s=(h, w), norm="forward")
