@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ffc_kernels.backends import triton_interpret
+
 
 def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, ndim=None, device=None) -> None:
     """Raise a ValueError naming the expected value when ``t`` is not what an op needs."""
@@ -23,11 +25,18 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
 
 
 def triton_dot_precision(precision: str, dtype: torch.dtype) -> str:
-    """The dot flavour for a kernel: bf16/fp16 data always uses its own tensor-core dot."""
+    """The dot flavour for a kernel: bf16/fp16 data always uses its own tensor-core dot.
+
+    Triton's interpreter (3.6 to 3.8) returns garbage from a dot of bf16 or fp16 operands, so
+    under TRITON_INTERPRET=1 those dots round their operands to bf16/fp16 and multiply in fp32,
+    which gives the same products (exact in fp32) and the same fp32 accumulation.
+    """
     if dtype == torch.bfloat16:
-        return "bf16"
-    if dtype == torch.float16:
-        return "fp16"
-    if precision not in ("ieee", "tf32", "bf16"):
-        raise ValueError(f"precision must be 'ieee', 'tf32' or 'bf16', got {precision!r}")
+        precision = "bf16"
+    elif dtype == torch.float16:
+        precision = "fp16"
+    elif precision not in ("tf32x3", "tf32", "bf16"):
+        raise ValueError(f"precision must be 'tf32x3', 'tf32' or 'bf16', got {precision!r}")
+    if precision in ("bf16", "fp16") and triton_interpret():
+        precision += "_emulated"
     return precision

@@ -1,0 +1,317 @@
+"""``lama-fast``: inpaint images with a LaMa checkpoint, verify the fused path, find the benchmarks.
+
+    lama-fast inpaint IMAGE MASK -o OUT --checkpoint PATH [--device cpu|cuda] [--reference]
+    lama-fast verify [--size 256] [--device cpu|cuda] [--blocks N] [--seed 0] [--save DIR]
+    lama-fast bench
+
+Errors are reported as one line on stderr with a non-zero exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+
+from lama_fast.checkpoints import CheckpointError, load_generator
+from lama_fast.generator import optimize
+from lama_fast.pipeline import inpaint
+
+__all__ = ["main", "pair_images_and_masks"]
+
+PROG = "lama-fast"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# LaMa downsamples 8x and reflect-pads by 1 there, so the padded input needs 16 pixels a side.
+MIN_SIDE = 9
+
+NO_CHECKPOINT = f"""\
+{PROG}: error: inpaint needs --checkpoint PATH; no LaMa weights ship with lama-fast.
+  The published big-lama weights are the LaMa authors' release: big-lama.zip, linked from the
+  README of the advimman/lama GitHub repository; unzip it and pass big-lama/models/best.ckpt.
+  IOPaint's TorchScript export big-lama.pt works too. Both load with --checkpoint PATH.
+  To check the fused kernels without any weights, run: {PROG} verify"""
+
+BENCH = f"""\
+Benchmarks live in benchmarks/ of the source repository; run them from a clone:
+  on the CPU:  python -m pytest benchmarks/ --benchmark-only
+  on a GPU:    python benchmarks/run_gpu.py
+{PROG} bench itself measures nothing."""
+
+
+class CLIError(Exception):
+    """A user error: reported as one line, exit status 1."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except (CLIError, CheckpointError, ValueError, TypeError, OSError, RuntimeError) as error:
+        # RuntimeError: torch's (out of memory, a generator failing on an input); still one line.
+        _error(error)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _error(message) -> None:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+
+
+def _one_line(message) -> str:
+    if isinstance(message, FileNotFoundError) and message.filename:
+        return f"no such file or directory: {message.filename}"
+    text = " ".join(str(message).split())
+    return text or type(message).__name__
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="LaMa inpainting on fused Fast Fourier Convolution kernels.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser(
+        "inpaint",
+        help="inpaint an image (or a directory of images) with a LaMa checkpoint",
+        description="Inpaint IMAGE where MASK is white (> 127), writing a PNG. With directories, "
+        "each image <stem>.<ext> in IMAGE is paired with <stem>_mask.png or <stem>.png in MASK, "
+        "and OUT/<stem>.png is written.",
+    )
+    run.add_argument("image", metavar="IMAGE", help="image file, or a directory of images")
+    run.add_argument("mask", metavar="MASK", help="mask file (white = inpaint), or a directory of masks")
+    run.add_argument("-o", "--output", metavar="OUT", required=True, help="output .png file, or a directory")
+    run.add_argument("--checkpoint", metavar="PATH", help="LaMa best.ckpt, TorchScript big-lama.pt or a state dict")
+    run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    run.add_argument("--reference", action="store_true", help="run the plain PyTorch reference, not the fused kernels")
+    run.set_defaults(run=_run_inpaint)
+
+    check = commands.add_parser(
+        "verify",
+        help="check the fused path against the reference on a built-in random big-lama",
+        description="Runs a seeded random big-lama (realistic BatchNorm statistics) and its optimized "
+        "copy on a generated image and mask in fp32, and compares them.",
+    )
+    check.add_argument("--size", type=_int_at_least(MIN_SIDE), default=256, help="image side in pixels (default 256)")
+    check.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    check.add_argument("--blocks", type=_int_at_least(0), default=None, help="residual blocks (default 18, as big-lama)")
+    check.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    check.add_argument("--save", metavar="DIR", help="write image.png, mask.png, result.png, result_reference.png")
+    check.set_defaults(run=_run_verify)
+
+    bench = commands.add_parser("bench", help="where the benchmarks are and how to run them")
+    bench.set_defaults(run=_run_bench)
+    return parser
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available to torch")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------- inpaint
+
+
+def _run_inpaint(args) -> int:
+    if args.checkpoint is None:
+        print(NO_CHECKPOINT, file=sys.stderr)
+        return 2
+    image, mask, output, checkpoint = Path(args.image), Path(args.mask), Path(args.output), Path(args.checkpoint)
+    for what, path in (("image", image), ("mask", mask), ("checkpoint", checkpoint)):
+        if not path.exists():
+            raise CLIError(f"{what} not found: {path}")
+    if checkpoint.is_dir():
+        raise CLIError(f"checkpoint is a directory, expected a file: {checkpoint}")
+    if image.is_dir() != mask.is_dir():
+        raise CLIError(f"IMAGE and MASK must both be files or both be directories: {image}, {mask}")
+
+    if image.is_dir():
+        pairs, unmatched = _plan_directory(image, mask, output)
+        jobs = [(img, msk, output / f"{img.stem}.png") for img, msk in pairs]
+    else:
+        if output.is_dir():
+            output = output / f"{image.stem}.png"
+        elif output.suffix.lower() != ".png":
+            raise CLIError(f"output must be a .png file or an existing directory, got {output}")
+        jobs, unmatched = [(image, mask, output)], []
+
+    device = _device(args.device)
+    generator = load_generator(str(checkpoint), device=device).eval()
+    if not args.reference:
+        generator = optimize(generator)
+
+    failed = 0
+    progress = _Progress(len(jobs)) if image.is_dir() else None
+    for done, (image_path, mask_path, out_path) in enumerate(jobs, start=1):
+        try:
+            image_in, mask_in = _read_image(image_path), _read_image(mask_path)
+            if min(image_in.size) < MIN_SIDE:
+                raise CLIError(f"{image_path.name} is {image_in.height}x{image_in.width} (HxW); "
+                               f"LaMa needs at least {MIN_SIDE} pixels a side")
+            result = inpaint(image_in, mask_in, generator, device=device)
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            PIL.Image.fromarray(result).save(out_path, format="PNG")
+        except (CLIError, ValueError, TypeError, OSError, RuntimeError) as error:
+            message = _one_line(error) if isinstance(error, CLIError) else f"{image_path.name}: {_one_line(error)}"
+            if progress is None:
+                raise CLIError(message) from error
+            failed += 1
+            progress.note(f"{PROG}: error: {message}")
+        if progress is not None:
+            progress.update(done, image_path.name)
+    if progress is not None:
+        progress.close()
+        written = len(jobs) - failed
+        if failed or unmatched:
+            _error(f"wrote {written} of {len(jobs) + len(unmatched)} images to {output}; "
+                   f"{len(unmatched)} had no mask, {failed} failed")
+            return 1
+        print(f"wrote {written} images to {output}", file=sys.stderr)
+    return 0
+
+
+def pair_images_and_masks(image_dir: Path, mask_dir: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """Pair each image ``<stem>.<ext>`` in ``image_dir`` with ``<stem>_mask.<ext>`` or ``<stem>.<ext>``
+    in ``mask_dir`` (``_mask`` and ``.png`` preferred). Returns (pairs, images without a mask).
+
+    When both are the same directory, files named ``*_mask.*`` are masks, not images.
+    """
+    image_dir, mask_dir = Path(image_dir), Path(mask_dir)
+    same = image_dir.resolve() == mask_dir.resolve()
+    masks = {(p.stem, p.suffix.lower()): p for p in mask_dir.iterdir()
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    pairs, unmatched = [], []
+    for image in sorted(image_dir.iterdir()):
+        if not image.is_file() or image.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if same and image.stem.endswith("_mask"):
+            continue
+        candidates = [(image.stem + tail, ext) for tail in ("_mask", "") for ext in IMAGE_SUFFIXES]
+        found = next((masks[key] for key in candidates if key in masks and masks[key].resolve() != image.resolve()), None)
+        if found is None:
+            unmatched.append(image)
+        else:
+            pairs.append((image, found))
+    return pairs, unmatched
+
+
+def _plan_directory(image_dir: Path, mask_dir: Path, output: Path):
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"with directories as IMAGE and MASK, OUT must be a directory; {output} is a file")
+    if output.resolve() in (image_dir.resolve(), mask_dir.resolve()):
+        raise CLIError(f"the output directory must differ from the image and mask directories: {output}")
+    pairs, unmatched = pair_images_and_masks(image_dir, mask_dir)
+    if not pairs and not unmatched:
+        raise CLIError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
+    stems = {}
+    for image, _ in pairs:
+        if image.stem in stems:
+            raise CLIError(f"{stems[image.stem].name} and {image.name} would both be written to "
+                           f"{output / (image.stem + '.png')}")
+        stems[image.stem] = image
+    if unmatched:
+        names = ", ".join(p.name for p in unmatched)
+        print(f"{PROG}: no mask for {len(unmatched)} of {len(pairs) + len(unmatched)} images "
+              f"(looked for <stem>_mask.png or <stem>.png in {mask_dir}), skipping: {names}", file=sys.stderr)
+    if not pairs:
+        raise CLIError(f"no image in {image_dir} has a mask in {mask_dir}")
+    return pairs, unmatched
+
+
+def _read_image(path: Path) -> PIL.Image.Image:
+    """A file as a PIL image, turned upright by its EXIF orientation (as OpenCV's imread does in LaMa)."""
+    try:
+        with PIL.Image.open(path) as opened:
+            opened.load()
+            return PIL.ImageOps.exif_transpose(opened)
+    except PIL.UnidentifiedImageError:
+        raise CLIError(f"cannot read {path}: not an image file, or a format Pillow cannot read") from None
+    except OSError as error:
+        raise CLIError(f"cannot read {path}: {_one_line(error)}") from None
+
+
+class _Progress:
+    """i/N, a bar and the elapsed time on stderr: redrawn in place on a terminal, one line per step otherwise."""
+
+    def __init__(self, total: int, stream=None, width: int = 24):
+        self.total, self.width = total, width
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = time.monotonic()
+        self.line = ""
+        self.update(0)
+
+    def update(self, done: int, label: str = "") -> None:
+        filled = self.width * done // max(self.total, 1)
+        elapsed = int(time.monotonic() - self.start)
+        self.line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
+                     f"{elapsed // 60:02d}:{elapsed % 60:02d} {label}").rstrip()
+        self.stream.write(f"\r{self.line}\x1b[K" if self.tty else f"{self.line}\n")
+        self.stream.flush()
+
+    def note(self, message: str) -> None:
+        self.stream.write(f"\r\x1b[K{message}\n{self.line}" if self.tty else f"{message}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ------------------------------------------------------------------------------- verify and bench
+
+
+def _run_verify(args) -> int:
+    from lama_fast import demo
+
+    device = _device(args.device)
+    blocks = 18 if args.blocks is None else args.blocks
+    print(f"{PROG} verify: fused path vs reference on a random big-lama ({blocks} blocks, seed {args.seed}), "
+          f"{args.size}x{args.size} demo image, device {device}, fp32 (TF32 off)")
+    report = demo.verify(size=args.size, device=device, n_blocks=args.blocks, seed=args.seed)
+    print("  " + report.backend.rstrip().replace("\n", "\n  "))
+    ratio = report.reference_seconds / report.fast_seconds if report.fast_seconds > 0 else float("inf")
+    print(f"generator output   max |fast - reference| = {report.output_max_abs_diff:.3e}"
+          f"  (tolerance {report.tolerance:.0e})")
+    print(f"inpainted uint8    max |fast - reference| = {report.image_max_abs_diff}"
+          f"  ({report.image_values_differing} of {report.image_values} values differ)")
+    print(f"time, one run after a warm-up:  reference {report.reference_seconds * 1e3:.1f} ms"
+          f"  fast {report.fast_seconds * 1e3:.1f} ms  ({ratio:.2f}x)")
+    if args.save:
+        save = Path(args.save)
+        save.mkdir(parents=True, exist_ok=True)
+        for name, array in report.images.items():
+            PIL.Image.fromarray(np.ascontiguousarray(array)).save(save / f"{name}.png")
+        print(f"saved {', '.join(f'{name}.png' for name in report.images)} in {save}")
+    print("PASS" if report.passed else "FAIL")
+    return 0 if report.passed else 1
+
+
+def _run_bench(args) -> int:
+    print(BENCH)
+    return 0

@@ -1,0 +1,213 @@
+"""LaMa's inference convention around any generator: convert, binarise, pad, run, composite.
+
+It follows LaMa's ``bin/predict.py`` and ``DefaultInpaintingTrainingModule.forward``:
+
+- the image is RGB float32 in [0, 1] (8-bit input is divided by 255);
+- the mask is binarised: ``> 127`` for uint8 masks (8-bit files), ``> 0`` for everything else
+  (LaMa's predict.py thresholds 8-bit masks at ``> 0``, so it also inpaints faint anti-aliased
+  edges; pass ``mask > 0`` to get exactly that);
+- image and mask are padded at the bottom and right to a multiple of ``pad_modulo`` with numpy's
+  ``symmetric`` mode, which repeats the edge pixel (torch's ``reflect`` would not);
+- the generator sees ``cat([image * (1 - mask), mask], dim=1)``: RGB first, mask last, NCHW;
+- the result is ``mask * prediction + (1 - mask) * image``, cropped back and converted with
+  ``clip(x * 255, 0, 255).astype(uint8)``. For uint8 input the unmasked pixels are copied from the
+  input, so they come back bit-identical (x / 255 * 255 is not always x again in float32).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+
+import numpy as np
+import PIL.Image
+import torch
+
+__all__ = ["inpaint", "pad_to_modulo"]
+
+# PIL modes whose samples do not fit 8 bits: ``convert("RGB")`` / ``convert("L")`` would clip them.
+_WIDE_PIL_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def pad_to_modulo(array: np.ndarray, modulo: int) -> np.ndarray:
+    """Pad the first two axes (H, W) at the bottom and right to multiples of ``modulo``, as LaMa does.
+
+    Uses numpy's ``symmetric`` mode: the padding mirrors the array including its edge row/column.
+    Returns the input itself when nothing needs padding.
+    """
+    pad_h = -array.shape[0] % modulo
+    pad_w = -array.shape[1] % modulo
+    if pad_h == 0 and pad_w == 0:
+        return array
+    return np.pad(array, [(0, pad_h), (0, pad_w)] + [(0, 0)] * (array.ndim - 2), mode="symmetric")
+
+
+def inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8) -> np.ndarray:
+    """Inpaint ``image`` where ``mask`` is set, with a LaMa ``generator``; returns HxWx3 uint8 RGB.
+
+    ``image``: numpy HxWx3 (uint8, or float in [0, 1]), a PIL image (converted to RGB), or a torch
+    tensor 3xHxW / 1x3xHxW (uint8, or float in [0, 1]).
+    ``mask``: numpy HxW / HxWx1, a PIL image (converted to 'L'), or a torch tensor HxW / 1xHxW /
+    1x1xHxW. uint8 masks are set where ``> 127``; bool, float and other integer masks where ``> 0``.
+    ``device``: where the generator input is placed; by default the device of the generator's
+    parameters (CPU for a generator without any).
+    """
+    result, _ = _inpaint(image, mask, generator, device=device, pad_modulo=pad_modulo)
+    return result
+
+
+def _inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8) -> tuple[np.ndarray, torch.Tensor]:
+    """``inpaint``, also returning the raw (padded) generator output for comparisons."""
+    if isinstance(pad_modulo, bool) or not isinstance(pad_modulo, int) or pad_modulo < 1:
+        raise ValueError(f"pad_modulo must be a positive integer, got {pad_modulo!r}")
+    if not callable(generator):
+        raise TypeError(f"generator must be a torch.nn.Module (or callable), got {type(generator).__name__}")
+    image_f, original = _image_to_array(image)
+    mask_b = _mask_to_array(mask)
+    if image_f.shape[:2] != mask_b.shape:
+        raise ValueError(
+            f"image and mask sizes differ: image is {_hxw(image_f.shape)} (HxW), "
+            f"mask is {_hxw(mask_b.shape)} (HxW)"
+        )
+    if getattr(generator, "training", False):
+        warnings.warn(
+            "the generator is in training mode, so its BatchNorm layers use batch statistics; "
+            "call generator.eval() first",
+            stacklevel=3,
+        )
+
+    device, dtype = _placement(generator, device)
+    height, width = mask_b.shape
+    padded_image = pad_to_modulo(image_f, pad_modulo).transpose(2, 0, 1)
+    padded_mask = pad_to_modulo(mask_b, pad_modulo).astype(np.float32)
+    image_t = torch.from_numpy(np.ascontiguousarray(padded_image))[None].to(device=device, dtype=dtype)
+    mask_t = torch.from_numpy(padded_mask)[None, None].to(device=device, dtype=dtype)
+
+    with torch.inference_mode():
+        prediction = generator(torch.cat([image_t * (1 - mask_t), mask_t], dim=1))
+        if not torch.is_tensor(prediction) or prediction.shape != image_t.shape:
+            got = tuple(prediction.shape) if torch.is_tensor(prediction) else type(prediction).__name__
+            raise ValueError(f"the generator returned {got}; expected a tensor of shape {tuple(image_t.shape)}")
+        if not torch.isfinite(prediction).all():
+            raise ValueError("the generator output contains NaN or inf")
+        inpainted = mask_t * prediction + (1 - mask_t) * image_t
+        inpainted = inpainted[0, :, :height, :width].permute(1, 2, 0).float().cpu().numpy()
+
+    result = np.clip(inpainted * 255, 0, 255).astype(np.uint8)
+    if original is not None:
+        keep = ~mask_b
+        result[keep] = original[keep]
+    return result, prediction
+
+
+def _placement(generator, device) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype the generator input should have."""
+    tensors = itertools.chain(
+        getattr(generator, "parameters", tuple)(), getattr(generator, "buffers", tuple)()
+    )
+    first = next((t for t in tensors if t.is_floating_point()), None)
+    if device is None:
+        device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None else torch.float32
+    return torch.device(device), dtype
+
+
+def _describe_type(value) -> str:
+    if isinstance(value, (str, os.PathLike)):
+        return f"{type(value).__name__} {str(value)!r} (a path? open it with PIL.Image.open first)"
+    return type(value).__name__
+
+
+def _hxw(shape) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+def _image_to_array(image) -> tuple[np.ndarray, np.ndarray | None]:
+    """(float32 HxWx3 in [0, 1], the uint8 HxWx3 original or None for float input)."""
+    if isinstance(image, PIL.Image.Image):
+        if image.mode in _WIDE_PIL_MODES:
+            raise ValueError(
+                f"PIL image mode {image.mode!r} (16/32-bit samples) is not supported; convert it to 8-bit RGB first"
+            )
+        array = np.asarray(image.convert("RGB"))
+    elif torch.is_tensor(image):
+        tensor = image.detach()
+        if tensor.ndim == 4:
+            if tensor.shape[0] != 1:
+                raise ValueError(f"image tensor holds a batch of {tensor.shape[0]}; inpaint takes one image (1x3xHxW)")
+            tensor = tensor[0]
+        if tensor.ndim != 3 or tensor.shape[0] != 3:
+            hint = " (channels last? use .permute(2, 0, 1))" if tensor.ndim == 3 and tensor.shape[-1] == 3 else ""
+            raise ValueError(f"image tensor must be 3xHxW or 1x3xHxW, got shape {tuple(image.shape)}{hint}")
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        elif tensor.dtype != torch.uint8:
+            raise TypeError(f"image tensor must be uint8 or floating point in [0, 1], got {tensor.dtype}")
+        array = tensor.cpu().permute(1, 2, 0).numpy()
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise TypeError(f"image must be a numpy array, a PIL image or a torch tensor, got {_describe_type(image)}")
+
+    if array.ndim == 2:
+        raise ValueError(f"image is {_hxw(array.shape)} with no channel axis (grayscale?); expected HxWx3 RGB")
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image must be HxWx3 RGB, got shape {array.shape}"
+                         + (" (RGBA? drop the alpha channel)" if array.ndim == 3 and array.shape[2] == 4 else ""))
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image is empty ({_hxw(array.shape)})")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255, array
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"image must be uint8 or floating point in [0, 1], got dtype {array.dtype}")
+    if not np.isfinite(array).all():
+        raise ValueError("image contains NaN or inf")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"float image values must lie in [0, 1], got [{low:g}, {high:g}]; "
+            "divide 0-255 data by 255, or pass it as uint8"
+        )
+    return array.astype(np.float32), None
+
+
+def _mask_to_array(mask) -> np.ndarray:
+    """The mask as a bool HxW array (True = inpaint)."""
+    if isinstance(mask, PIL.Image.Image):
+        if mask.mode in _WIDE_PIL_MODES:
+            raise ValueError(
+                f"PIL mask mode {mask.mode!r} (16/32-bit samples) is not supported; convert it to 8-bit 'L' first"
+            )
+        array = np.asarray(mask.convert("L"))
+    elif torch.is_tensor(mask):
+        tensor = mask.detach()
+        while tensor.ndim > 2 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.ndim != 2 or mask.ndim > 4:
+            raise ValueError(f"mask tensor must be HxW, 1xHxW or 1x1xHxW, got shape {tuple(mask.shape)}")
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
+        array = tensor.cpu().numpy()
+    elif isinstance(mask, np.ndarray):
+        array = mask
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        elif array.ndim != 2:
+            hint = " (convert it to one channel)" if array.ndim == 3 else ""
+            raise ValueError(f"mask must be HxW or HxWx1, got shape {array.shape}{hint}")
+    else:
+        raise TypeError(f"mask must be a numpy array, a PIL image or a torch tensor, got {_describe_type(mask)}")
+
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"mask is empty ({_hxw(array.shape)})")
+    if array.dtype == np.uint8:
+        return array > 127
+    if array.dtype == np.bool_:
+        return array.copy()
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError("mask contains NaN or inf")
+        return array > 0
+    if np.issubdtype(array.dtype, np.integer):
+        return array > 0
+    raise TypeError(f"mask must be bool, integer or floating point, got dtype {array.dtype}")

@@ -1,0 +1,163 @@
+"""The lama-fast command line: inpaint (file and directory), refusals and errors, verify, bench."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import lama_fast
+from lama_fast.cli import main
+from lama_fast.demo import demo_generator, demo_image, demo_mask
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A plain state dict of a seeded one-block big-lama with realistic BatchNorm statistics."""
+    path = tmp_path_factory.mktemp("weights") / "generator.pth"
+    torch.save(demo_generator(seed=1, n_blocks=1).state_dict(), path)
+    return path
+
+
+def write_pair(folder: Path, stem: str, height=40, width=52, mask_name=None, shift=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    image = np.roll(demo_image(64), shift, axis=1)[:height, :width]
+    PIL.Image.fromarray(image).save(folder / f"{stem}.png")
+    if mask_name is not None:
+        PIL.Image.fromarray(demo_mask(64)[:height, :width]).save(mask_name if isinstance(mask_name, Path) else folder / mask_name)
+    return folder / f"{stem}.png"
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err):
+    assert "Traceback" not in err
+    assert err.startswith("lama-fast: error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["fast", "reference"])
+def test_inpaint_single_file_matches_the_api(checkpoint, tmp_path, capsys, reference):
+    image_path = write_pair(tmp_path, "photo", mask_name="photo_mask.png")
+    out = tmp_path / "out" / "result.png"
+    code, _, err = run(capsys, "inpaint", image_path, tmp_path / "photo_mask.png", "-o", out,
+                       "--checkpoint", checkpoint, "--device", "cpu", *(["--reference"] if reference else []))
+    assert code == 0, err
+    generator = lama_fast.load_generator(checkpoint)
+    if not reference:
+        generator = lama_fast.optimize(generator)
+    expected = lama_fast.inpaint(PIL.Image.open(image_path), PIL.Image.open(tmp_path / "photo_mask.png"), generator)
+    written = np.asarray(PIL.Image.open(out))
+    assert written.shape == (40, 52, 3)
+    np.testing.assert_array_equal(written, expected)
+
+
+def test_inpaint_directory_reports_missing_masks(checkpoint, tmp_path, capsys):
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    masks.mkdir()
+    write_pair(images, "a", mask_name=masks / "a_mask.png")
+    write_pair(images, "b", mask_name=masks / "b.png", shift=7)
+    write_pair(images, "c")  # no mask
+    (images / "notes.txt").write_text("not an image")
+    code, _, err = run(capsys, "inpaint", images, masks, "-o", out, "--checkpoint", checkpoint, "--device", "cpu")
+    assert code == 1
+    assert "no mask for 1 of 3 images" in err and "c.png" in err
+    assert "2/2" in err and "wrote 2 of 3 images" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    assert not np.array_equal(np.asarray(PIL.Image.open(out / "a.png")), np.asarray(PIL.Image.open(out / "b.png")))
+
+
+def test_inpaint_directory_with_masks_beside_images(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "both"
+    write_pair(folder, "x", mask_name="x_mask.png")
+    write_pair(folder, "y", mask_name="y_mask.png")
+    code, _, err = run(capsys, "inpaint", folder, folder, "-o", tmp_path / "out", "--checkpoint", checkpoint)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png", "y.png"]
+
+
+def test_inpaint_refuses_without_checkpoint(tmp_path, capsys):
+    image_path = write_pair(tmp_path, "photo", mask_name="photo_mask.png")
+    code, _, err = run(capsys, "inpaint", image_path, tmp_path / "photo_mask.png", "-o", tmp_path / "o.png")
+    assert code == 2
+    assert "big-lama.zip" in err and "best.ckpt" in err and "big-lama.pt" in err and "--checkpoint" in err
+
+
+@pytest.mark.parametrize(
+    "case", ["missing image", "missing checkpoint", "not an image", "mask size", "too small", "output suffix"]
+)
+def test_inpaint_errors_are_one_line(case, checkpoint, tmp_path, capsys):
+    image_path = write_pair(tmp_path, "photo", mask_name="photo_mask.png")
+    mask_path, out = tmp_path / "photo_mask.png", tmp_path / "out.png"
+    weights = checkpoint
+    expected = {"missing image": "image not found", "missing checkpoint": "checkpoint not found",
+                "not an image": "cannot read", "mask size": "40x52 (HxW), mask is 40x51",
+                "too small": "at least 9 pixels", "output suffix": ".png"}[case]
+    if case == "missing image":
+        image_path = tmp_path / "nope.png"
+    elif case == "missing checkpoint":
+        weights = tmp_path / "nope.ckpt"
+    elif case == "not an image":
+        image_path.write_text("hello")
+    elif case == "mask size":
+        PIL.Image.open(mask_path).crop((0, 0, 51, 40)).save(mask_path)
+    elif case == "too small":
+        for path in (image_path, mask_path):
+            PIL.Image.open(path).crop((0, 0, 8, 8)).save(path)
+    else:
+        out = tmp_path / "out.jpg"
+    code, _, err = run(capsys, "inpaint", image_path, mask_path, "-o", out, "--checkpoint", weights, "--device", "cpu")
+    assert code == 1
+    assert_one_line_error(err)
+    assert expected in err
+
+
+def test_bad_checkpoint_is_one_line(tmp_path, capsys):
+    image_path = write_pair(tmp_path, "photo", mask_name="photo_mask.png")
+    (tmp_path / "weights.ckpt").write_bytes(b"not a checkpoint")
+    code, _, err = run(capsys, "inpaint", image_path, tmp_path / "photo_mask.png", "-o", tmp_path / "o.png",
+                       "--checkpoint", tmp_path / "weights.ckpt")
+    assert code == 1
+    assert_one_line_error(err)
+
+
+def test_verify_passes():
+    # A subprocess, as users run it: also covers ``python -m lama_fast``.
+    done = subprocess.run(
+        [sys.executable, "-m", "lama_fast", "verify", "--size", "64", "--blocks", "1", "--device", "cpu"],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.rstrip().endswith("PASS")
+    assert "max |fast - reference|" in done.stdout and "ffc_kernels backend" in done.stdout
+
+
+def test_verify_save(tmp_path, capsys):
+    code, out, _ = run(capsys, "verify", "--size", "32", "--blocks", "0", "--device", "cpu", "--save", tmp_path)
+    assert code == 0 and "PASS" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "mask.png", "result.png", "result_reference.png"]
+    assert np.asarray(PIL.Image.open(tmp_path / "result.png")).shape == (32, 32, 3)
+
+
+def test_bench_prints_no_numbers(capsys):
+    code, out, err = run(capsys, "bench")
+    assert code == 0
+    assert "benchmarks/" in out and "--benchmark-only" in out and "run_gpu.py" in out
+    assert not re.search(r"\d", out + err)
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["verify", "--size", "8"])
+    assert raised.value.code == 2
+    assert "at least 9" in capsys.readouterr().err
+    assert main([]) == 2

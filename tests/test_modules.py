@@ -1,0 +1,239 @@
+"""FastFFC, FastFFC_BN_ACT and FastFFCResnetBlock against the reference modules."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ffc_kernels import FastFFC, FastFFC_BN_ACT, FastFFCResnetBlock, reference
+from ffc_kernels.modules import join_channels
+from helpers import DEVICE_BACKENDS, assert_close_to_reference, backend_env, max_err, randomize_batchnorm, triple
+
+
+def _split(x, ratio_gin):
+    cg = int(x.shape[1] * ratio_gin)
+    cl = x.shape[1] - cg
+    if cg == 0:
+        return (x, 0)
+    if cl == 0:
+        return (0, x)
+    return (x[:, :cl], x[:, cl:])
+
+
+def _run(module, x):
+    with torch.no_grad():
+        return module(x)
+
+
+def _cast(x, dtype):
+    return tuple(t.to(dtype) if torch.is_tensor(t) else t for t in x)
+
+
+# (in, out, ratio_gin, ratio_gout, enable_lfu, stride, H, W, B): LaMa's own layers (stem,
+# downsampling with the switch to 0.75, residual blocks) and awkward ones (odd H and W, ratio 1,
+# LFU, stride 2 with a spectral branch, channels not multiples of 16, batch 1 to 3).
+CASES = [
+    (32, 32, 0.75, 0.75, False, 1, 9, 11, 2),
+    (32, 32, 0.75, 0.75, True, 1, 8, 8, 1),
+    (12, 20, 0.0, 0.75, False, 2, 10, 10, 1),
+    (8, 12, 0.0, 0.0, False, 2, 9, 9, 3),
+    (16, 16, 1.0, 1.0, True, 1, 6, 6, 2),
+    (16, 16, 0.5, 1.0, False, 1, 7, 6, 1),
+    (16, 32, 0.5, 0.5, True, 2, 12, 12, 2),
+    (20, 28, 0.6, 0.4, False, 1, 5, 7, 3),
+]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ffc_bn_act_matches_reference(fp32, monkeypatch, device, backend, case, channels_last):
+    backend_env(monkeypatch, backend)
+    cin, cout, rin, rout, lfu, stride, h, w, b = case
+    torch.manual_seed(0)
+    ref = randomize_batchnorm(reference.FFC_BN_ACT(cin, cout, 3, rin, rout, stride=stride, padding=1,
+                                                   activation_layer=nn.ReLU, enable_lfu=lfu))
+    exact, plain, _ = triple(ref, device)
+    fast = FastFFC_BN_ACT(cin, cout, 3, rin, rout, stride=stride, padding=1, activation_layer=nn.ReLU,
+                          enable_lfu=lfu).to(device)
+    fast.load_state_dict(ref.state_dict())
+    fast.eval()
+    x = torch.randn(b, cin, h, w, dtype=torch.float64, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = _run(fast, _split(x.float(), rin))
+    assert fast.last_path == "fused"
+    assert_close_to_reference(out, _run(exact, _split(x, rin)), _run(plain, _split(x.float(), rin)))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("padding_type,bias", [("reflect", False), ("zeros", True), ("replicate", True)])
+def test_ffc_without_norms_matches_reference(fp32, monkeypatch, device, backend, padding_type, bias):
+    backend_env(monkeypatch, backend)
+    torch.manual_seed(1)
+    ref = reference.FFC(32, 32, 3, 0.75, 0.75, padding=1, bias=bias, enable_lfu=True, padding_type=padding_type)
+    ref = randomize_batchnorm(ref)
+    exact, plain, _ = triple(ref, device)
+    fast = FastFFC(32, 32, 3, 0.75, 0.75, padding=1, bias=bias, enable_lfu=True, padding_type=padding_type)
+    fast.load_state_dict(ref.state_dict())
+    fast = fast.to(device).eval()
+    x = torch.randn(2, 32, 8, 8, dtype=torch.float64, device=device)
+    out = _run(fast, _split(x.float(), 0.75))
+    assert fast.last_path == "fused"
+    assert_close_to_reference(out, _run(exact, _split(x, 0.75)), _run(plain, _split(x.float(), 0.75)))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("lfu", [False, True])
+def test_resnet_block_matches_reference(fp32, monkeypatch, device, backend, lfu):
+    backend_env(monkeypatch, backend)
+    torch.manual_seed(2)
+    kw = dict(ratio_gin=0.75, ratio_gout=0.75, enable_lfu=lfu)
+    ref = randomize_batchnorm(reference.FFCResnetBlock(32, "reflect", nn.BatchNorm2d, nn.ReLU, **kw))
+    exact, plain, _ = triple(ref, device)
+    fast = FastFFCResnetBlock(32, "reflect", nn.BatchNorm2d, nn.ReLU, **kw)
+    fast.load_state_dict(ref.state_dict())
+    fast = fast.to(device).eval()
+    x = torch.randn(1, 32, 8, 8, dtype=torch.float64, device=device)
+    # The residual adds must not touch the caller's input.
+    inp = _split(x.float(), 0.75)
+    saved = tuple(t.clone() for t in inp)
+    out = _run(fast, inp)
+    assert all(torch.equal(a, b) for a, b in zip(inp, saved))
+    assert fast.conv1.last_path == fast.conv2.last_path == "fused"
+    assert_close_to_reference(out, _run(exact, _split(x, 0.75)), _run(plain, _split(x.float(), 0.75)))
+    # A block's output feeds the next block as views of one buffer: no concatenation copy.
+    assert join_channels(*out) is not None
+
+
+def test_same_constructor_and_state_dict_keys():
+    pairs = [
+        (reference.FFC(16, 16, 3, 0.5, 0.5, padding=1, enable_lfu=True), FastFFC(16, 16, 3, 0.5, 0.5, padding=1, enable_lfu=True)),
+        (reference.FFC_BN_ACT(16, 16, 3, 0.75, 0.75, padding=1), FastFFC_BN_ACT(16, 16, 3, 0.75, 0.75, padding=1)),
+        (reference.FFCResnetBlock(16, "reflect", nn.BatchNorm2d, ratio_gin=0.75, ratio_gout=0.75),
+         FastFFCResnetBlock(16, "reflect", nn.BatchNorm2d, ratio_gin=0.75, ratio_gout=0.75)),
+    ]
+    for ref, fast in pairs:
+        assert isinstance(fast, type(ref))
+        assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in fast.state_dict().items()}
+        fast.load_state_dict(ref.state_dict(), strict=True)
+
+
+def test_cache_follows_load_state_dict_and_optimizer_steps(fp32):
+    torch.manual_seed(3)
+    ref = randomize_batchnorm(reference.FFC_BN_ACT(16, 16, 3, 0.75, 0.75, padding=1, activation_layer=nn.ReLU, enable_lfu=False))
+    fast = FastFFC_BN_ACT(16, 16, 3, 0.75, 0.75, padding=1, activation_layer=nn.ReLU, enable_lfu=False)
+    fast.load_state_dict(ref.state_dict())
+    ref.eval(), fast.eval()
+    x = _split(torch.randn(1, 16, 8, 8), 0.75)
+    assert max_err(_run(fast, x)[1], _run(ref, x)[1]) < 1e-5
+
+    # New weights and statistics through load_state_dict.
+    other = randomize_batchnorm(reference.FFC_BN_ACT(16, 16, 3, 0.75, 0.75, padding=1, activation_layer=nn.ReLU, enable_lfu=False), seed=7)
+    fast.load_state_dict(other.state_dict())
+    other.eval()
+    assert max_err(_run(fast, x)[1], _run(other, x)[1]) < 1e-5
+
+    # An optimizer step in train mode, then eval again: weights and running stats moved.
+    fast.train(), other.train()
+    opt_f = torch.optim.SGD(fast.parameters(), lr=0.1)
+    opt_o = torch.optim.SGD(other.parameters(), lr=0.1)
+    xt = _split(torch.randn(2, 16, 8, 8), 0.75)
+    for module, opt in ((fast, opt_f), (other, opt_o)):
+        out_l, out_g = module(xt)
+        (out_l.square().mean() + out_g.square().mean()).backward()
+        opt.step()
+    fast.eval(), other.eval()
+    assert max_err(_run(fast, x)[0], _run(other, x)[0]) < 1e-5
+    assert max_err(_run(fast, x)[1], _run(other, x)[1]) < 1e-5
+    assert fast.last_path == "fused"
+
+
+def test_train_mode_equals_reference_outputs_gradients_and_statistics(fp32):
+    torch.manual_seed(4)
+    ref = randomize_batchnorm(reference.FFCResnetBlock(32, "reflect", nn.BatchNorm2d, nn.ReLU, ratio_gin=0.75,
+                                                       ratio_gout=0.75, enable_lfu=True))
+    fast = copy.deepcopy(ref)
+    from ffc_kernels import convert
+
+    convert(fast)
+    assert type(fast) is FastFFCResnetBlock
+    ref.train(), fast.train()
+    x = torch.randn(2, 32, 8, 8)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_f = ref(_split(xr, 0.75)), fast(_split(xf, 0.75))
+    assert fast.conv1.last_path == "reference"
+    for a, b in zip(out_r, out_f):
+        assert torch.equal(a, b)
+    sum(o.square().sum() for o in out_r).backward()
+    sum(o.square().sum() for o in out_f).backward()
+    assert torch.equal(xr.grad, xf.grad)
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, a), b in zip(ref.named_buffers(), fast.buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_eval_with_gradients_uses_reference_math():
+    torch.manual_seed(5)
+    fast = FastFFC_BN_ACT(16, 16, 3, 0.75, 0.75, padding=1, enable_lfu=False).eval()
+    x = _split(torch.randn(1, 16, 8, 8, requires_grad=True), 0.75)
+    out = fast(x)
+    assert fast.last_path == "reference"
+    out[1].sum().backward()
+    assert fast.ffc.convl2g.weight.grad is not None
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_bf16_model_runs_with_fp32_ffts(monkeypatch, device, backend):
+    # torch.fft rejects bf16, so LaMa's FourierUnit cannot run a bf16 model at all; the fast
+    # module keeps the FFTs and the spectral accumulation in fp32. Its error against the fp64
+    # reference is bounded by what bf16 convolutions alone cost: the reference with its
+    # spatial convs rounded through bf16.
+    backend_env(monkeypatch, backend)
+    torch.manual_seed(6)
+    ref = randomize_batchnorm(reference.FFC_BN_ACT(32, 32, 3, 0.75, 0.75, padding=1, activation_layer=nn.ReLU))
+    exact, _, fast = triple(ref, device)
+    from ffc_kernels import convert
+
+    convert(fast)
+    fast = fast.to(torch.bfloat16)
+    x = torch.randn(1, 32, 8, 8, dtype=torch.float64, device=device)
+    out = _run(fast, _split(x.to(torch.bfloat16), 0.75))
+    assert fast.last_path == "fused" and out[0].dtype == torch.bfloat16
+    with pytest.raises(RuntimeError):
+        _run(copy.deepcopy(ref).to(device, torch.bfloat16), _split(x.to(torch.bfloat16), 0.75))
+    ref_out = _run(exact, _split(x, 0.75))
+    for o, r in zip(out, ref_out):
+        scale = r.abs().max().item()
+        assert max_err(o, r) <= 0.05 * scale  # a few bf16 roundings (2^-8 each) through three convs
+
+
+def test_unsupported_configurations_fall_back_to_reference():
+    torch.manual_seed(8)
+    gated = reference.FFC(16, 16, 3, 0.5, 0.5, padding=1, gated=True)
+    fast = FastFFC(16, 16, 3, 0.5, 0.5, padding=1, gated=True)
+    fast.load_state_dict(gated.state_dict())
+    gated.eval(), fast.eval()
+    x = _split(torch.randn(1, 16, 8, 8), 0.5)
+    assert max_err(_run(fast, x)[0], _run(gated, x)[0]) == 0
+    assert fast.last_path == "reference"
+
+    leaky = reference.FFC_BN_ACT(16, 16, 3, 0.5, 0.5, padding=1, activation_layer=nn.LeakyReLU)
+    fast = FastFFC_BN_ACT(16, 16, 3, 0.5, 0.5, padding=1, activation_layer=nn.LeakyReLU)
+    fast.load_state_dict(leaky.state_dict())
+    leaky.eval(), fast.eval()
+    # The norms and LeakyReLU run as modules; the FFC inside is still fused on its own.
+    assert max_err(_run(fast, x)[1], _run(leaky, x)[1]) < 1e-5
+    assert fast.last_path == "reference" and fast.ffc.last_path == "fused"
+
+
+def test_shapes_lama_cannot_handle_raise_like_lama():
+    # LFU tiles at h // 2 on both axes: LaMa fails on a non-square map, and so must the fast module.
+    ref = reference.FFC_BN_ACT(32, 32, 3, 0.75, 0.75, padding=1, enable_lfu=True).eval()
+    fast = FastFFC_BN_ACT(32, 32, 3, 0.75, 0.75, padding=1, enable_lfu=True).eval()
+    x = _split(torch.randn(1, 32, 8, 12), 0.75)
+    with pytest.raises(RuntimeError):
+        _run(ref, x)
+    with pytest.raises(RuntimeError):
+        _run(fast, x)
