@@ -1,7 +1,7 @@
 """Loading csrc's CUDA extension, ``ffc_kernels._C``, and recording why it is missing.
 
-The extension is built only on request (``FFC_KERNELS_BUILD_EXT=1 pip install -e .`` with
-``CUDA_HOME`` set; see csrc/README.md). Importing this module never initialises CUDA and never
+The extension is built only on request (``FFC_KERNELS_BUILD_EXT=1 pip install
+--no-build-isolation -e .`` with ``CUDA_HOME`` set; see csrc/README.md). Importing this module never initialises CUDA and never
 raises: a missing or broken extension is recorded, and ``why_unavailable()`` says why.
 """
 from __future__ import annotations
@@ -45,3 +45,28 @@ def spectral_mix(spec: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if _C is None:
         raise RuntimeError(f"ffc_kernels CUDA extension unavailable: {_WHY}")
     return _C.spectral_mix(spec, weight, bias, bool(relu))
+
+
+_UNPACKED: dict = {}
+
+
+def spectral_mix_packed(spec: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, relu: bool,
+                        weight_scale: float, bias_scale: float) -> torch.Tensor:
+    """``spectral_mix`` for ops/spectral_mix.py's packed (2, 2, Co, Ci) weight and (2, Co) bias.
+
+    The kernel reads LaMa's (2Co, 2Ci) layout with the scales applied; that form is derived once
+    per (weight, bias, scales) and cached, so a steady-state call launches the kernel alone. The
+    entry keeps its source tensors alive and checks their identity and version, so a new tensor
+    at a recycled address never hits a stale entry.
+    """
+    key = (id(packed_weight), id(bias), weight_scale, bias_scale)
+    versions = (packed_weight._version, None if bias is None else bias._version)
+    entry = _UNPACKED.get(key)
+    if entry is None or entry[0] is not packed_weight or entry[1] is not bias or entry[2] != versions:
+        if len(_UNPACKED) > 256:  # folded weights of a few models at a few sizes
+            _UNPACKED.clear()
+        co, ci = packed_weight.shape[2:]
+        w = (packed_weight.permute(2, 0, 3, 1).reshape(2 * co, 2 * ci) * weight_scale).contiguous()
+        b = None if bias is None else (bias.t().reshape(2 * co) * bias_scale).contiguous()
+        entry = _UNPACKED[key] = (packed_weight, bias, versions, w, b)
+    return spectral_mix(spec, entry[3], entry[4], relu)

@@ -33,7 +33,7 @@ from ffc_kernels.ops.fourier_unit import fourier_unit
 from ffc_kernels.ops.pointwise_conv import pointwise_conv
 from ffc_kernels.ops.spectral_mix import pack_bias, pack_weight
 
-__all__ = ["FastFFC", "FastFFC_BN_ACT", "FastFFCResnetBlock", "join_channels"]
+__all__ = ["FastFFC", "FastFFC_BN_ACT", "FastFFCResnetBlock", "clear_fold_cache", "join_channels"]
 
 
 def join_channels(a, b):
@@ -235,14 +235,19 @@ class _FusedFFCMixin:
     last_path = None  # "fused" or "reference": which math the last forward ran
 
     def _folded(self, ffc, bn_l, bn_g, dtype, device):
+        # Keyed on each source tensor's identity, storage and version: in-place updates
+        # (load_state_dict, optimizer steps) bump the version, new Parameters change identity,
+        # ``.to()`` and ``p.data = ...`` change storage. Writes through ``p.data`` bump nothing:
+        # call ``clear_fold_cache(model)`` after those.
         tensors = _state_tensors(ffc, bn_l, bn_g)
-        key = (dtype, device, tuple((t.data_ptr(), t._version, t.device) for t in tensors))
+        versions = (dtype, device, tuple((t._version, t.data_ptr()) for t in tensors))
         cache = self._ffc_fold_cache
-        if cache is None or cache[0] != key:
+        if (cache is None or cache[1] != versions or len(cache[0]) != len(tensors)
+                or any(a is not b for a, b in zip(cache[0], tensors))):
             with torch.no_grad():
-                cache = (key, _fold_ffc(ffc, bn_l, bn_g, dtype, device))
+                cache = (tensors, versions, _fold_ffc(ffc, bn_l, bn_g, dtype, device))
             self._ffc_fold_cache = cache
-        return cache[1]
+        return cache[2]
 
     def _fused_ffc(self, ffc, x, bn_l, bn_g, relu_l, relu_g):
         """The FFC (+ norms and ReLU) output, or None when the fused path does not apply."""
@@ -319,6 +324,13 @@ class _FusedFFCMixin:
         if _spectral_forward(st, folded.spectral, x_g, residual, relu_g, out_g) is None:
             return None
         return out_l, out_g
+
+
+def clear_fold_cache(model: nn.Module) -> None:
+    """Drop the folded weights of every fast module in ``model``; the next forward refolds."""
+    for m in model.modules():
+        if isinstance(m, _FusedFFCMixin):
+            m._ffc_fold_cache = None
 
 
 class FastFFC(_FusedFFCMixin, reference.FFC):

@@ -237,3 +237,26 @@ def test_shapes_lama_cannot_handle_raise_like_lama():
         _run(ref, x)
     with pytest.raises(RuntimeError):
         _run(fast, x)
+
+
+def test_cache_follows_storage_swaps_and_can_be_cleared(fp32):
+    torch.manual_seed(9)
+    from ffc_kernels.modules import clear_fold_cache
+
+    ref = randomize_batchnorm(reference.FFC_BN_ACT(16, 16, 3, 0.75, 0.75, padding=1, activation_layer=nn.ReLU,
+                                                   enable_lfu=False)).eval()
+    fast = copy.deepcopy(ref)
+    from ffc_kernels import convert
+
+    convert(fast)
+    x = _split(torch.randn(1, 16, 8, 8), 0.75)
+    _run(fast, x)
+    new_weight = torch.randn_like(ref.ffc.convl2g.weight)
+    ref.ffc.convl2g.weight.data = new_weight.clone()
+    fast.ffc.convl2g.weight.data = new_weight.clone()  # new storage: seen without help
+    assert max_err(_run(fast, x)[1], _run(ref, x)[1]) < 1e-5
+    with torch.no_grad():
+        ref.ffc.convl2g.weight.data.mul_(2)
+        fast.ffc.convl2g.weight.data.mul_(2)  # through .data: no version bump, needs a clear
+    clear_fold_cache(fast)
+    assert max_err(_run(fast, x)[1], _run(ref, x)[1]) < 1e-5

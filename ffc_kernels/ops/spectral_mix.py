@@ -228,7 +228,7 @@ def _spectral_mix_op(spec: torch.Tensor, packed_weight: torch.Tensor, bias: torc
     if backend == "cuda":
         from ffc_kernels import _ext
 
-        return _ext.spectral_mix(spec, packed_weight, bias, relu, weight_scale, bias_scale)
+        return _ext.spectral_mix_packed(spec, packed_weight, bias, relu, weight_scale, bias_scale)
     return _spectral_mix_triton(spec, packed_weight, bias, relu, weight_scale, bias_scale, precision)
 
 

@@ -1,0 +1,56 @@
+"""One place decides the backend: defaults, the environment override, and the reasons it gives."""
+import pytest
+import torch
+
+from ffc_kernels import backend_info, backends
+
+
+def test_cpu_tensors_take_the_torch_path(monkeypatch):
+    monkeypatch.delenv("FFC_KERNELS_BACKEND", raising=False)
+    assert backends.select(torch.device("cpu")) == "torch"
+    info = backend_info("cpu")
+    assert info.selected == "torch" and info.reasons["torch"] is None
+    assert "CUDA tensors" in info.reasons["cuda"] or "not built" in info.reasons["cuda"]
+
+
+def test_environment_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("FFC_KERNELS_BACKEND", "torch")
+    assert backends.select(torch.device("cpu")) == "torch"
+    monkeypatch.setenv("FFC_KERNELS_BACKEND", "TRITON")
+    if backends.triton_interpret():
+        assert backends.select(torch.device("cpu")) == "triton"
+    else:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            backends.select(torch.device("cpu"))
+
+
+def test_forcing_the_missing_extension_says_why(monkeypatch):
+    monkeypatch.setenv("FFC_KERNELS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="FFC_KERNELS_BACKEND=cuda cannot run"):
+        backends.select(torch.device("cpu"))
+    info = backend_info("cpu")
+    assert info.forced == "cuda" and info.selected.startswith("none")
+
+
+def test_unknown_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("FFC_KERNELS_BACKEND", "opencl")
+    with pytest.raises(ValueError, match="cuda, triton, torch"):
+        backends.select(torch.device("cpu"))
+
+
+def test_matmul_precision_follows_torch(monkeypatch):
+    saved = torch.get_float32_matmul_precision()
+    try:
+        for setting, expected in (("highest", "tf32x3"), ("high", "tf32"), ("medium", "bf16")):
+            torch.set_float32_matmul_precision(setting)
+            assert backends.matmul_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def test_report_is_readable(monkeypatch):
+    monkeypatch.delenv("FFC_KERNELS_BACKEND", raising=False)
+    text = str(backend_info("cpu"))
+    assert text.splitlines()[0] == "ffc_kernels backend on cpu: torch"
+    for name in backends.BACKENDS:
+        assert f"  {name}" in text
