@@ -12,6 +12,18 @@ state_dict keys; only ``forward`` differs, and only in inference:
 - both outputs are channel slices of one buffer, so the next FFC's concatenation and the
   residual block's two adds are free views and one in-place add.
 
+Bytes of the exchange (fp32, per pixel, big-lama's residual FFC: 128 local, 384 global
+channels; convolutions counted as one read of their input and one write of their output):
+    eager: convl2l with its reflect pad (2.0 KB) + convg2l with its pad (5.1 KB) + add (1.5 KB)
+           + bn_l, act_l (2.0 KB) + convl2g with a second pad of x_l (3.1 KB) + the add to
+           convg2g (4.6 KB) + bn_g, act_g (6.1 KB)                              = 24.6 KB
+    fused: one pad of [x_l | x_g] (4.1 KB) + the merged conv (2.6 KB) + ReLU into the output
+           buffer (1.0 KB) + convl2g on the padded slice (2.0 KB) + its read in conv2's
+           epilogue (1.5 KB)                                                    = 11.3 KB
+The merged convolution's concatenated input costs nothing because the previous layer wrote
+[x_l | x_g] into one buffer (a torch.cat would add 4.1 KB), and the residual block's two adds
+(6.1 KB) become one in-place add over that buffer (the same bytes, one launch).
+
 Folded weights are derived from the parameters and BatchNorm buffers, cached, and rebuilt
 when any of them changes (``load_state_dict``, an optimizer step, ``.to()``: each bumps a
 tensor version or moves its storage). The fused path runs when the module is in eval mode and
