@@ -99,7 +99,7 @@ def _fusable_spectral(st) -> bool:
     return (
         len(conv1) == 3
         and isinstance(conv1[0], nn.Conv2d) and conv1[0].groups == 1 and conv1[0].kernel_size == (1, 1)
-        and isinstance(conv1[2], nn.ReLU)
+        and type(conv1[1]) is nn.BatchNorm2d and isinstance(conv1[2], nn.ReLU)
         and st.conv2.groups == 1 and st.conv2.kernel_size == (1, 1)
         and _fusable_fourier_unit(st.fu)
         and (not st.enable_lfu or _fusable_fourier_unit(st.lfu))
@@ -134,6 +134,9 @@ def _spectral_folded(st, scale_g, shift_g, l2g_bias, dtype, device):
     f32 = dict(dtype=torch.float32, device=device)
     folded = _Folded()
     conv1, bn1 = st.conv1[0], st.conv1[1]
+    units = [st.fu, st.lfu] if st.enable_lfu else [st.fu]
+    if any(batchnorm_affine(bn) is None for bn in [bn1] + [u.bn for u in units]):
+        return None  # a BatchNorm in train mode inside an eval FFC: its batch statistics are needed
     w1, b1 = fold(conv1.weight, batchnorm_affine(bn1), conv1.bias)
     folded.w1, folded.b1 = w1.flatten(1).to(**f32), b1.to(**f32)
     for name in ("fu", "lfu") if st.enable_lfu else ("fu",):
@@ -179,6 +182,8 @@ def _fold_ffc(ffc, bn_l, bn_g, dtype, device):
     if ffc.ratio_gout != 0 and not isinstance(ffc.convg2g, nn.Identity):
         l2g_bias = ffc.convl2g.bias if isinstance(ffc.convl2g, nn.Conv2d) else None
         folded.spectral = _spectral_folded(ffc.convg2g, aff_g[0], aff_g[1], l2g_bias, dtype, device)
+        if folded.spectral is None:
+            return None
     return folded
 
 
@@ -189,6 +194,22 @@ def _state_tensors(*modules):
             tensors.extend(m.parameters())
             tensors.extend(b for b in m.buffers() if b is not None)
     return tensors
+
+
+def _settings(*modules):
+    """The non-tensor settings folding reads (BatchNorm eps and mode, FFT norm)."""
+    return tuple((type(m), getattr(m, "eps", None), getattr(m, "training", None), getattr(m, "fft_norm", None))
+                 for root in modules if root is not None for m in root.modules())
+
+
+def _has_hooks(module: nn.Module, include_self: bool = True) -> bool:
+    """Whether running ``module`` with fused math would skip a forward hook someone registered."""
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks
+               for m in module.modules() if include_self or m is not module)
 
 
 def _spatial_conv(ffc):
@@ -250,9 +271,11 @@ class _FusedFFCMixin:
         # Keyed on each source tensor's identity, storage and version: in-place updates
         # (load_state_dict, optimizer steps) bump the version, new Parameters change identity,
         # ``.to()`` and ``p.data = ...`` change storage. Writes through ``p.data`` bump nothing:
-        # call ``clear_fold_cache(model)`` after those.
+        # call ``clear_fold_cache(model)`` after those. Inference tensors (made under
+        # torch.inference_mode) have no version counter and cannot be changed in place outside it.
         tensors = _state_tensors(ffc, bn_l, bn_g)
-        versions = (dtype, device, tuple((t._version, t.data_ptr()) for t in tensors))
+        versions = (dtype, device, _settings(ffc, bn_l, bn_g),
+                    tuple((0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors))
         cache = self._ffc_fold_cache
         if (cache is None or cache[1] != versions or len(cache[0]) != len(tensors)
                 or any(a is not b for a, b in zip(cache[0], tensors))):
@@ -267,8 +290,8 @@ class _FusedFFCMixin:
         ref = next(t for t in (x_l, x_g) if torch.is_tensor(t)) if (torch.is_tensor(x_l) or torch.is_tensor(x_g)) else None
         if ref is None or ref.dim() != 4 or ref.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return None
-        if not _fusable_ffc(ffc):
-            return None
+        if not _fusable_ffc(ffc) or _has_hooks(self, include_self=False):
+            return None  # hooks (weight_norm, feature taps) must see the submodules run
         # Identity branches pass their input through: the fused path covers them only when that
         # input is LaMa's integer 0 placeholder.
         has_l, has_g = torch.is_tensor(x_l), torch.is_tensor(x_g)
@@ -392,6 +415,8 @@ class FastFFCResnetBlock(reference.FFCResnetBlock):
             return super().forward(x)
         x_l, x_g = x if type(x) is tuple else (x, 0)
         y_l, y_g = self.conv2(self.conv1((x_l, x_g)))
+        if _has_hooks(self.conv2):  # a hook may hold conv2's outputs: LaMa's out-of-place adds
+            return x_l + y_l, x_g + y_g
         # conv2's outputs are fresh tensors nobody else holds, so the adds may go in place.
         y, identity = join_channels(y_l, y_g), join_channels(x_l, x_g)
         if y is not None and identity is not None and y.shape == identity.shape:

@@ -36,8 +36,20 @@ __all__ = [
 class FourierUnit(nn.Module):
     """1x1 convolution over the stacked real and imaginary parts of rfft2(x)."""
 
-    def __init__(self, in_channels, out_channels, groups=1, fft_norm="ortho"):
+    def __init__(self, in_channels, out_channels, groups=1, spatial_scale_factor=None, spatial_scale_mode="bilinear",
+                 spectral_pos_encoding=False, use_se=False, se_kwargs=None, ffc3d=False, fft_norm="ortho"):
         super().__init__()
+        # LaMa's optional variants, off in every released configuration (big-lama, lama-fourier).
+        unsupported = {name: value for name, value in (
+            ("spatial_scale_factor", spatial_scale_factor), ("spectral_pos_encoding", spectral_pos_encoding),
+            ("use_se", use_se), ("ffc3d", ffc3d)) if value}
+        if unsupported:
+            raise NotImplementedError(f"FourierUnit options not implemented here: {unsupported}")
+        self.spatial_scale_factor = spatial_scale_factor
+        self.spatial_scale_mode = spatial_scale_mode
+        self.spectral_pos_encoding = spectral_pos_encoding
+        self.use_se = use_se
+        self.ffc3d = ffc3d
         self.groups = groups
         self.conv_layer = nn.Conv2d(
             in_channels=in_channels * 2,
@@ -72,7 +84,7 @@ class FourierUnit(nn.Module):
 class SpectralTransform(nn.Module):
     """The global-to-global path of an FFC: conv1 -> FourierUnit (+ LFU) -> conv2."""
 
-    def __init__(self, in_channels, out_channels, stride=1, groups=1, enable_lfu=True):
+    def __init__(self, in_channels, out_channels, stride=1, groups=1, enable_lfu=True, **fu_kwargs):
         super().__init__()
         self.enable_lfu = enable_lfu
         self.downsample = nn.AvgPool2d(kernel_size=(2, 2), stride=2) if stride == 2 else nn.Identity()
@@ -82,7 +94,7 @@ class SpectralTransform(nn.Module):
             nn.BatchNorm2d(out_channels // 2),
             nn.ReLU(inplace=True),
         )
-        self.fu = FourierUnit(out_channels // 2, out_channels // 2, groups)
+        self.fu = FourierUnit(out_channels // 2, out_channels // 2, groups, **fu_kwargs)
         if self.enable_lfu:
             self.lfu = FourierUnit(out_channels // 2, out_channels // 2, groups)
         self.conv2 = nn.Conv2d(out_channels // 2, out_channels, kernel_size=1, groups=groups, bias=False)
@@ -126,6 +138,7 @@ class FFC(nn.Module):
         enable_lfu=True,
         padding_type="reflect",
         gated=False,
+        **spectral_kwargs,
     ):
         super().__init__()
         if stride not in (1, 2):
@@ -149,7 +162,7 @@ class FFC(nn.Module):
         module = nn.Identity if in_cg == 0 or out_cl == 0 else nn.Conv2d
         self.convg2l = module(in_cg, out_cl, *conv_args, padding_mode=padding_type)
         module = nn.Identity if in_cg == 0 or out_cg == 0 else SpectralTransform
-        self.convg2g = module(in_cg, out_cg, stride, 1 if groups == 1 else groups // 2, enable_lfu)
+        self.convg2g = module(in_cg, out_cg, stride, 1 if groups == 1 else groups // 2, enable_lfu, **spectral_kwargs)
 
         self.gated = gated
         module = nn.Identity if in_cg == 0 or out_cl == 0 or not self.gated else nn.Conv2d
@@ -225,8 +238,10 @@ class FFCResnetBlock(nn.Module):
     """Two 3x3 FFC_BN_ACT with a residual connection on both branches."""
 
     def __init__(self, dim, padding_type, norm_layer, activation_layer=nn.ReLU, dilation=1,
-                 inline=False, **conv_kwargs):
+                 spatial_transform_kwargs=None, inline=False, **conv_kwargs):
         super().__init__()
+        if spatial_transform_kwargs is not None:
+            raise NotImplementedError("LaMa's LearnableSpatialTransformWrapper is not implemented here")
         self.conv1 = FFC_BN_ACT(dim, dim, kernel_size=3, padding=dilation, dilation=dilation,
                                 norm_layer=norm_layer, activation_layer=activation_layer,
                                 padding_type=padding_type, **conv_kwargs)
@@ -284,11 +299,17 @@ class FFCResNetGenerator(nn.Module):
         init_conv_kwargs=None,
         downsample_conv_kwargs=None,
         resnet_conv_kwargs=None,
+        spatial_transform_layers=None,
+        spatial_transform_kwargs=None,
         add_out_act=True,
         max_features=1024,
+        out_ffc=False,
+        out_ffc_kwargs=None,
     ):
         if n_blocks < 0:
             raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
+        if spatial_transform_layers is not None:
+            raise NotImplementedError("LaMa's LearnableSpatialTransformWrapper is not implemented here")
         super().__init__()
         init_conv_kwargs = dict(init_conv_kwargs or {})
         downsample_conv_kwargs = dict(downsample_conv_kwargs or {})
@@ -331,6 +352,10 @@ class FFCResNetGenerator(nn.Module):
                 up_norm_layer(min(max_features, int(ngf * mult / 2))),
                 up_activation,
             ]
+
+        if out_ffc:
+            model += [FFCResnetBlock(ngf, padding_type=padding_type, activation_layer=activation_layer,
+                                     norm_layer=norm_layer, inline=True, **dict(out_ffc_kwargs or {}))]
 
         model += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, kernel_size=7, padding=0)]
         if add_out_act:

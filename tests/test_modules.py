@@ -260,3 +260,70 @@ def test_cache_follows_storage_swaps_and_can_be_cleared(fp32):
         fast.ffc.convl2g.weight.data.mul_(2)  # through .data: no version bump, needs a clear
     clear_fold_cache(fast)
     assert max_err(_run(fast, x)[1], _run(ref, x)[1]) < 1e-5
+
+
+def _block_and_input(seed=10):
+    torch.manual_seed(seed)
+    ref = randomize_batchnorm(reference.FFCResnetBlock(32, "reflect", nn.BatchNorm2d, nn.ReLU, ratio_gin=0.75,
+                                                       ratio_gout=0.75, enable_lfu=False)).eval()
+    from ffc_kernels import convert
+
+    return ref, convert(copy.deepcopy(ref)), _split(torch.randn(1, 32, 8, 8), 0.75)
+
+
+def test_hooked_outputs_are_not_modified_in_place():
+    ref, fast, x = _block_and_input()
+    seen = {}
+    for name, m in (("ref", ref), ("fast", fast)):
+        m.conv2.register_forward_hook(lambda mod, i, o, name=name: seen.setdefault(name, o))
+        _run(m, x)
+    expected = _run(ref.conv2, _run(ref.conv1, x))
+    for name in ("ref", "fast"):
+        assert max_err(seen[name][0], expected[0]) < 1e-5 and max_err(seen[name][1], expected[1]) < 1e-5, name
+
+
+def test_submodule_hooks_run_and_weight_reparametrisations_apply():
+    torch.manual_seed(11)
+    base = randomize_batchnorm(reference.FFC_BN_ACT(32, 32, 3, 0.75, 0.75, padding=1, activation_layer=nn.ReLU))
+    ref, fast = copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
+    from ffc_kernels import convert
+
+    convert(fast)
+    x = _split(torch.randn(1, 32, 8, 8), 0.75)
+    _run(fast, x)
+    for m in (ref, fast):
+        torch.manual_seed(0)  # the same power-iteration start vector for both
+        nn.utils.spectral_norm(m.ffc.convl2l)
+    with torch.no_grad():
+        for m in (ref, fast):
+            m.ffc.convl2l.weight_orig.mul_(3)
+    assert max_err(_run(fast, x)[0], _run(ref, x)[0]) < 1e-4
+    assert fast.last_path == "reference"
+
+
+def test_model_built_under_inference_mode():
+    with torch.inference_mode():
+        torch.manual_seed(12)
+        ref = randomize_batchnorm(reference.FFC_BN_ACT(16, 16, 3, 0.75, 0.75, padding=1, enable_lfu=False)).eval()
+        from ffc_kernels import convert
+
+        fast = convert(copy.deepcopy(ref))
+        x = _split(torch.randn(1, 16, 8, 8), 0.75)
+        assert max_err(fast(x)[1], ref(x)[1]) < 1e-5 and fast.last_path == "fused"
+
+
+def test_cache_follows_batchnorm_eps_and_inner_train_mode():
+    torch.manual_seed(13)
+    ref = randomize_batchnorm(reference.FFC_BN_ACT(32, 32, 3, 0.75, 0.75, padding=1, activation_layer=nn.ReLU)).eval()
+    from ffc_kernels import convert
+
+    fast = convert(copy.deepcopy(ref))
+    x = _split(torch.randn(1, 32, 8, 8), 0.75)
+    _run(fast, x)
+    for m in (ref, fast):
+        m.bn_l.eps = 10.0
+    assert max_err(_run(fast, x)[0], _run(ref, x)[0]) < 1e-5
+    for m in (ref, fast):
+        m.ffc.convg2g.conv1[1].train()  # batch statistics inside an eval FFC: not foldable
+    assert max_err(_run(fast, x)[1], _run(ref, x)[1]) < 1e-5
+    assert fast.last_path == "reference"

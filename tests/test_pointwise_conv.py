@@ -79,3 +79,24 @@ def test_rejects_bad_inputs():
         pointwise_conv(x, w, b, out=torch.empty(1, 3, 5, 5))
     with pytest.raises(TypeError, match="torch.Tensor"):
         pointwise_conv(x.numpy(), w, b)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_non_contiguous_bias(device, backend):
+    x, w, b = torch.randn(1, 8, 4, 4), torch.randn(6, 8), torch.randn(12)[::2]
+    fast = pointwise_conv(x.to(device), w.to(device), b.to(device), backend=backend)
+    assert max_err(fast, pointwise_conv_reference(x.double(), w.double(), b.double())) < 1e-5
+
+
+@pytest.mark.parametrize("device,backend", [db for db in DEVICE_BACKENDS if db[1] == "triton"])
+def test_channel_offsets_past_two_to_the_31(device, backend):
+    # Channel stride S with 2 * S > 2^31 elements: a channel offset overflows int32. The views
+    # touch 16 floats per channel of a lazily allocated buffer, so little memory is used.
+    s, c = 1_073_741_888, 3
+    storage = torch.empty(c * s, device=device)
+    x = storage.as_strided((1, c, 1, 16), (c * s, s, 16, 1))
+    for i in range(c):
+        storage[i * s: i * s + 16] = torch.randn(16, device=device)
+    w = torch.randn(4, c, device=device)
+    fast = pointwise_conv(x, w, backend=backend)
+    assert max_err(fast, pointwise_conv_reference(x.double(), w.double())) < 1e-5

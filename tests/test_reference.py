@@ -121,3 +121,24 @@ def test_ffc_branches_and_zero_placeholders():
     assert local_only(x)[1] == 0
     with pytest.raises(ValueError, match="stride"):
         reference.FFC(8, 8, 3, 0.5, 0.5, stride=3)
+
+
+def test_constructors_take_lamas_arguments():
+    # LaMa's positional order: FFCResnetBlock(dim, padding_type, norm_layer, activation_layer,
+    # dilation, spatial_transform_kwargs, inline).
+    block = reference.FFCResnetBlock(16, "reflect", nn.BatchNorm2d, nn.ReLU, 1, None, True,
+                                     ratio_gin=0.5, ratio_gout=0.5, enable_lfu=False)
+    assert block.inline
+    x = torch.randn(1, 16, 8, 8)
+    assert block.eval()(x).shape == x.shape
+    local = dict(ratio_gin=0, ratio_gout=0, enable_lfu=False)
+    gen = reference.FFCResNetGenerator(4, 3, ngf=8, n_blocks=1, out_ffc=True, init_conv_kwargs=local,
+                                       downsample_conv_kwargs=local,
+                                       resnet_conv_kwargs=dict(ratio_gin=0.5, ratio_gout=0.5, enable_lfu=False),
+                                       out_ffc_kwargs=dict(ratio_gin=0.5, ratio_gout=0.5, enable_lfu=False))
+    assert isinstance(gen.model[-4], reference.FFCResnetBlock) and gen.model[-4].inline
+    assert gen.eval()(torch.rand(1, 4, 16, 16)).shape == (1, 3, 16, 16)
+    with pytest.raises(NotImplementedError, match="use_se"):
+        reference.FFC(16, 16, 3, 0.5, 0.5, use_se=True)
+    with pytest.raises(NotImplementedError, match="LearnableSpatialTransformWrapper"):
+        reference.FFCResNetGenerator(4, 3, spatial_transform_layers=[0])

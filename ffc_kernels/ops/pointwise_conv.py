@@ -105,11 +105,12 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < CI
             mask_kp = mask_k[:, None] & mask_p[None, :]
-            s = tl.load(x_ptr + offs_k[:, None] * sxc + x_sp[None, :], mask=mask_kp, other=0.0).to(tl.float32)
+            k64 = offs_k[:, None].to(tl.int64)  # channel offsets pass 2^31 at 4K inputs
+            s = tl.load(x_ptr + k64 * sxc + x_sp[None, :], mask=mask_kp, other=0.0).to(tl.float32)
             if HAS_ADDEND:
-                s += tl.load(a_ptr + offs_k[:, None] * sac + a_sp[None, :], mask=mask_kp, other=0.0).to(tl.float32)
+                s += tl.load(a_ptr + k64 * sac + a_sp[None, :], mask=mask_kp, other=0.0).to(tl.float32)
             if HAS_TILED:
-                s += tl.load(t_ptr + offs_k[:, None] * stc + t_sp[None, :], mask=mask_kp, other=0.0).to(tl.float32)
+                s += tl.load(t_ptr + k64 * stc + t_sp[None, :], mask=mask_kp, other=0.0).to(tl.float32)
             wt = tl.load(w_ptr + offs_m[:, None] * CI + offs_k[None, :],
                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             acc = _dot(wt, s, acc, PRECISION)
@@ -195,6 +196,7 @@ def pointwise_conv(x, weight, bias=None, *, addend=None, tiled=None, residual=No
         check_shape("out", out, (b, co, h, w))
     backend = backend or backends.select(x.device)
     precision = triton_dot_precision(precision or backends.matmul_precision(), x.dtype)
+    bias = None if bias is None else bias.contiguous()
     torch.ops.ffc_kernels.pointwise_conv_(x, weight.contiguous(), bias, addend, tiled, residual, relu, out,
                                           precision, backend)
     return out

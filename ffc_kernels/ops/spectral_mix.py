@@ -129,7 +129,7 @@ if triton is not None:
         for k0 in range(0, CI, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < CI
-            x = tl.load(x_base + offs_k[:, None] * stride_xc + offs_f[None, :],
+            x = tl.load(x_base + offs_k[:, None].to(tl.int64) * stride_xc + offs_f[None, :],
                         mask=mask_k[:, None] & mask_f[None, :], other=0.0)
             x_re, x_im = tl.split(tl.reshape(x, (BLOCK_K, BLOCK_N, 2)))
             w_offs = offs_m[:, None] * CI + offs_k[None, :]
