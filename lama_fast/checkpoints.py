@@ -13,8 +13,17 @@ Checkpoint files come from strangers, and a pickle can name any Python callable.
 ``torch.load(weights_only=True)`` first. Lightning files pickle their own classes (configs,
 callback state) beside the weights, which ``weights_only`` refuses; those load with an unpickler
 that resolves only tensor-rebuilding globals and turns every other class or function into an inert
-placeholder, so nothing in the file runs. TorchScript archives go through ``torch.jit.load``,
-which deserializes TorchScript code, never Python.
+placeholder, so nothing in the file runs.
+
+TorchScript archives are not given to ``torch.jit.load`` (nor to ``torch.load``, which hands them to
+it): that would compile the archive's code and run it, a scripted ``__setstate__`` included. Their
+``data.pkl`` is unpickled with the same restricted unpickler, its storages read from the archive's
+``data/<key>`` records. Each scripted module in it is a placeholder holding the attribute dict the
+archive gives it (placeholders keep what they are given, they never act on it); the state dict is
+rebuilt by walking those dicts from the root module, naming each tensor by its dotted attribute
+path, which gives the parameters and buffers ``state_dict()`` would (BatchNorm statistics and
+``num_batches_tracked`` included). A module whose state is not an attribute dict (a custom
+``__getstate__``) contributes no tensors.
 """
 from __future__ import annotations
 
@@ -23,11 +32,11 @@ import os
 import pickle
 import re
 import types
-import warnings
 import zipfile
 from collections.abc import Mapping
 
 import torch
+import torch.jit._pickle
 import torch.nn as nn
 
 from lama_fast.generator import build_generator
@@ -74,12 +83,14 @@ def _read(path):
     """The unpickled contents of ``path`` (a TorchScript archive gives its state dict), on cpu."""
     if _is_torchscript_archive(path):
         try:
-            with warnings.catch_warnings():
-                # torch.jit's deprecation notice: TorchScript is the format this file was shipped in.
-                warnings.simplefilter("ignore", FutureWarning)
-                return torch.jit.load(path, map_location="cpu").state_dict()
+            root = torch.serialization._load(
+                torch._C.PyTorchFileReader(path), "cpu", _restricted_pickle, pickle_file="data.pkl"
+            )
+            return _torchscript_state_dict(root)
         except Exception as err:
-            raise CheckpointError(f"{path} looks like a TorchScript archive but does not load: {err}") from err
+            raise CheckpointError(
+                f"{path} looks like a TorchScript archive but does not load ({type(err).__name__}: {err})"
+            ) from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -100,6 +111,33 @@ def _is_torchscript_archive(path):
     except zipfile.BadZipFile:
         return False
     return any(name.partition("/")[2] == "constants.pkl" for name in names)
+
+
+def _torchscript_state_dict(root):
+    """The tensors under the module placeholder ``root``, keyed by dotted attribute path.
+
+    A TorchScript archive pickles each module as its class (a placeholder here) built with a dict
+    of its attributes: parameters, buffers, submodules, flags. Tensors anywhere else (in lists, in
+    a custom ``__getstate__``'s tuple) are not part of a state dict and are left out.
+    """
+    state_dict = collections.OrderedDict()
+    seen = set()
+    stack = [("", root)]
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen or not isinstance(module, _Inert) or not isinstance(module.state, Mapping):
+            continue
+        seen.add(id(module))
+        submodules = []
+        for name, value in module.state.items():
+            if not isinstance(name, str):
+                continue
+            if isinstance(value, torch.Tensor):
+                state_dict[prefix + name] = value
+            elif isinstance(value, _Inert):
+                submodules.append((f"{prefix}{name}.", value))
+        stack.extend(reversed(submodules))  # depth first, in attribute order, as state_dict() walks
+    return state_dict
 
 
 def _not_a_checkpoint(path, err):
@@ -166,6 +204,8 @@ def _check_keys_and_shapes(expected, found, path, prefix, n_blocks):
 
 
 def _first_keys(keys):
+    if not keys:
+        return "none"
     shown = ", ".join(map(str, keys[:_SHOWN_KEYS]))
     return shown + (", ..." if len(keys) > _SHOWN_KEYS else "")
 
@@ -186,24 +226,33 @@ _ALLOWED_GLOBALS = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,
+    # TorchScript's data.pkl tags typed lists and dicts with these; each returns its argument.
+    **{
+        ("torch.jit._pickle", name): getattr(torch.jit._pickle, name)
+        for name in ("restore_type_tag", "build_intlist", "build_tensorlist", "build_doublelist", "build_boollist")
+    },
 }
 
 
 class _Inert:
     """Stands in for every class or function a checkpoint names outside ``_ALLOWED_GLOBALS``.
 
-    It accepts whatever the pickle hands it (constructor arguments, state, items) and keeps none
-    of it: the generator's weights never live inside such objects.
+    It accepts whatever the pickle hands it and never acts on it: the constructor arguments go to
+    ``args``, the state a BUILD gives (a TorchScript module's attribute dict) to ``state``; items
+    and appends are dropped.
     """
 
     def __new__(cls, *args, **kwargs):
-        return super().__new__(cls)
+        self = super().__new__(cls)
+        self.args = args
+        self.state = None
+        return self
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __setstate__(self, state):
-        pass
+        self.state = state
 
     def __setitem__(self, key, value):
         pass

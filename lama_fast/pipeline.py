@@ -11,7 +11,7 @@ It follows LaMa's ``bin/predict.py`` and ``DefaultInpaintingTrainingModule.forwa
 - the generator sees ``cat([image * (1 - mask), mask], dim=1)``: RGB first, mask last, NCHW;
 - the result is ``mask * prediction + (1 - mask) * image``, cropped back and converted with
   ``clip(x * 255, 0, 255).astype(uint8)``. For uint8 input the unmasked pixels are copied from the
-  input, so they come back bit-identical (x / 255 * 255 is not always x again in float32).
+  input, so they come back bit-identical whatever the generator returns (0 * NaN is NaN).
 """
 from __future__ import annotations
 

@@ -1,13 +1,14 @@
 """load_generator: every checkpoint format LaMa users have, built here from seeded random weights.
 
 The formats are made the way their producers make them (a Lightning-style dict with custom
-classes, a traced TorchScript wrapper, plain state dicts), so no download is needed. A 2-block
+classes, traced and scripted TorchScript wrappers, plain state dicts), so no download is needed. A 2-block
 big-lama keeps the files small; one test uses the 9-block lama-fourier to check the block count.
 """
 import os
 import pickle
 import re
 from collections import OrderedDict
+from typing import Tuple
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch.nn as nn
 from PIL import Image
 
 from ffc_kernels.reference import build_reference_generator
+from lama_fast import checkpoints
 from lama_fast.checkpoints import CheckpointError, load_generator
 
 
@@ -142,14 +144,79 @@ def test_code_in_a_checkpoint_does_not_run(source, tmp_path, zip_format):
     assert all(marker.exists() for marker in markers)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
-def test_torchscript_archive(source, tmp_path):
-    path = tmp_path / "big-lama.pt"
+def _no_jit_load(*args, **kwargs):
+    raise AssertionError("torch.jit.load runs the archive's code; load_generator must not call it")
+
+
+def _jit_state_dict(path):
+    with pytest.warns(FutureWarning):  # torch.jit.load's deprecation notice
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+
+
+def _traced_wrapper(generator):
     image, mask = torch.rand(1, 3, 64, 64), (torch.rand(1, 1, 64, 64) > 0.5).float()
-    traced = torch.jit.trace(Wrapper(source), (image, mask), check_trace=False)
-    traced.save(str(path))
-    assert any(key.startswith("model.generator.model.") for key in torch.jit.load(str(path)).state_dict())
+    return torch.jit.trace(Wrapper(generator), (image, mask), check_trace=False)
+
+
+def _scripted_wrapper(generator):
+    # The reference generator's forward is not scriptable; IOPaint-style wrappers around a traced
+    # generator are: the wrapper and holder are scripted modules, the generator a traced one.
+    traced = torch.jit.trace(generator, torch.rand(1, 4, 64, 64), check_trace=False)
+    return torch.jit.script(Wrapper(traced))
+
+
+@pytest.mark.parametrize("export", [_traced_wrapper, _scripted_wrapper], ids=["traced", "scripted"])
+def test_torchscript_archive(source, tmp_path, monkeypatch, export):
+    path = tmp_path / "big-lama.pt"
+    export(source).save(str(path))
+    expected = _jit_state_dict(path)  # the state dict torch.jit.load would give (a trusted file here)
+    assert any(key.startswith("model.generator.model.") for key in expected)
+
+    monkeypatch.setattr(torch.jit, "load", _no_jit_load)
+    rebuilt = checkpoints._read(str(path))
+    assert list(rebuilt) == list(expected)
+    for key, tensor in expected.items():
+        assert rebuilt[key].dtype == tensor.dtype, key
+        assert torch.equal(rebuilt[key], tensor), key
     assert_same_generator(load_generator(path), source)
+
+
+class ScriptedSetstate(nn.Module):
+    """A TorchScript module whose scripted ``__setstate__`` runs when torch.jit.load reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.zeros(1)
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[torch.Tensor, bool]:
+        return (self.w, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:
+        print(">>> code from the file ran")
+        self.w = state[0]
+        self.training = state[1]
+
+
+def test_code_in_a_torchscript_archive_does_not_run(tmp_path, capfd, monkeypatch):
+    path = tmp_path / "best.ckpt"
+    torch.jit.save(torch.jit.script(ScriptedSetstate()), str(path))
+    capfd.readouterr()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.jit, "load", _no_jit_load)
+        with pytest.raises(CheckpointError, match=r"no LaMa generator weights in .*best\.ckpt.*found top-level keys: none"):
+            load_generator(path)
+    captured = capfd.readouterr()
+    assert "code from the file ran" not in captured.out + captured.err
+
+    # Control: the payload is live, torch.jit.load runs it (TorchScript prints through C++ stdout).
+    _jit_state_dict(path)
+    assert "code from the file ran" in capfd.readouterr().out
 
 
 @pytest.mark.parametrize(
