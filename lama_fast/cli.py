@@ -75,6 +75,9 @@ def _one_line(message) -> str:
     return text or type(message).__name__
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="LaMa inpainting on fused Fast Fourier Convolution kernels.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -92,6 +95,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", metavar="PATH", help="LaMa best.ckpt, TorchScript big-lama.pt or a state dict")
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     run.add_argument("--reference", action="store_true", help="run the plain PyTorch reference, not the fused kernels")
+    run.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                     help="model precision (default fp32); bf16 needs the fused path, whose FFTs stay fp32 "
+                          "(LaMa's own FourierUnit cannot run in bf16)")
     run.set_defaults(run=_run_inpaint)
 
     check = commands.add_parser(
@@ -159,10 +165,13 @@ def _run_inpaint(args) -> int:
             raise CLIError(f"output must be a .png file or an existing directory, got {output}")
         jobs, unmatched = [(image, mask, output)], []
 
+    if args.reference and args.dtype != "fp32":
+        raise CLIError(f"--dtype {args.dtype} needs the fused path: LaMa's FourierUnit runs its FFTs in the "
+                       "model's dtype, which torch.fft does not support for bf16; drop --reference")
     device = _device(args.device)
     generator = load_generator(str(checkpoint), device=device).eval()
     if not args.reference:
-        generator = optimize(generator)
+        generator = optimize(generator).to(DTYPES[args.dtype])
 
     failed = 0
     progress = _Progress(len(jobs)) if image.is_dir() else None

@@ -161,3 +161,21 @@ def test_usage_errors_exit_2(capsys):
     assert raised.value.code == 2
     assert "at least 9" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_inpaint_bf16_runs_the_fused_path_and_stays_close(checkpoint, tmp_path, capsys):
+    image_path = write_pair(tmp_path, "photo", mask_name="photo_mask.png")
+    out = tmp_path / "bf16.png"
+    code, _, err = run(capsys, "inpaint", image_path, tmp_path / "photo_mask.png", "-o", out,
+                       "--checkpoint", checkpoint, "--device", "cpu", "--dtype", "bf16")
+    assert code == 0, err
+    fp32 = lama_fast.inpaint(PIL.Image.open(image_path), PIL.Image.open(tmp_path / "photo_mask.png"),
+                             lama_fast.load_generator(checkpoint))
+    written = np.asarray(PIL.Image.open(out)).astype(int)
+    # bf16 keeps 8 bits of mantissa: a few 8-bit levels of difference inside the hole, none outside.
+    hole = np.asarray(PIL.Image.open(tmp_path / "photo_mask.png")) > 127
+    assert np.abs(written - fp32)[hole].max() <= 12
+    np.testing.assert_array_equal(written[~hole], fp32[~hole])
+    code, _, err = run(capsys, "inpaint", image_path, tmp_path / "photo_mask.png", "-o", out,
+                       "--checkpoint", checkpoint, "--device", "cpu", "--dtype", "bf16", "--reference")
+    assert code != 0 and "needs the fused path" in err
