@@ -4,8 +4,8 @@ Three formats, told apart by content rather than by file name:
 
 - LaMa's PyTorch-Lightning ``best.ckpt``: ``{"state_dict": {"generator.model...": ...,
   "discriminator....": ..., ...}, "hyper_parameters": <omegaconf config>, "epoch": ..., ...}``.
-- The TorchScript ``big-lama.pt`` that IOPaint / lama-cleaner distribute: a traced wrapper whose
-  state dict holds the generator under ``model.generator.``.
+- The TorchScript ``big-lama.pt`` that IOPaint / lama-cleaner distribute: a traced (or scripted)
+  wrapper whose state dict holds the generator under ``model.generator.``.
 - A plain generator state dict (keys ``model.<i>....``), bare or under ``"state_dict"``, with or
   without a ``generator.`` / ``model.generator.`` / ``module.`` prefix.
 

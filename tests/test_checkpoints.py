@@ -1,8 +1,9 @@
 """load_generator: every checkpoint format LaMa users have, built here from seeded random weights.
 
 The formats are made the way their producers make them (a Lightning-style dict with custom
-classes, traced and scripted TorchScript wrappers, plain state dicts), so no download is needed. A 2-block
-big-lama keeps the files small; one test uses the 9-block lama-fourier to check the block count.
+classes, traced and scripted TorchScript wrappers, plain state dicts), so no download is needed.
+A 2-block big-lama keeps the files small; one test uses the 9-block lama-fourier to check the block
+count.
 """
 import os
 import pickle
@@ -165,6 +166,7 @@ def _scripted_wrapper(generator):
     return torch.jit.script(Wrapper(traced))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 @pytest.mark.parametrize("export", [_traced_wrapper, _scripted_wrapper], ids=["traced", "scripted"])
 def test_torchscript_archive(source, tmp_path, monkeypatch, export):
     path = tmp_path / "big-lama.pt"
@@ -202,6 +204,7 @@ class ScriptedSetstate(nn.Module):
         self.training = state[1]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_code_in_a_torchscript_archive_does_not_run(tmp_path, capfd, monkeypatch):
     path = tmp_path / "best.ckpt"
     torch.jit.save(torch.jit.script(ScriptedSetstate()), str(path))
@@ -209,7 +212,8 @@ def test_code_in_a_torchscript_archive_does_not_run(tmp_path, capfd, monkeypatch
 
     with monkeypatch.context() as patch:
         patch.setattr(torch.jit, "load", _no_jit_load)
-        with pytest.raises(CheckpointError, match=r"no LaMa generator weights in .*best\.ckpt.*found top-level keys: none"):
+        no_weights = r"no LaMa generator weights in .*best\.ckpt.*found top-level keys: none"
+        with pytest.raises(CheckpointError, match=no_weights):
             load_generator(path)
     captured = capfd.readouterr()
     assert "code from the file ran" not in captured.out + captured.err
