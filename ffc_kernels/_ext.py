@@ -60,7 +60,9 @@ def spectral_mix_packed(spec: torch.Tensor, packed_weight: torch.Tensor, bias: t
     at a recycled address never hits a stale entry.
     """
     key = (id(packed_weight), id(bias), weight_scale, bias_scale)
-    versions = (packed_weight._version, None if bias is None else bias._version)
+    # Folded weights made under torch.inference_mode are inference tensors: no version counter,
+    # and nothing outside inference mode can change them in place.
+    versions = tuple(None if t is None or t.is_inference() else t._version for t in (packed_weight, bias))
     entry = _UNPACKED.get(key)
     if entry is None or entry[0] is not packed_weight or entry[1] is not bias or entry[2] != versions:
         if len(_UNPACKED) > 256:  # folded weights of a few models at a few sizes

@@ -475,3 +475,27 @@ def test_ext_records_why_a_broken_extension_is_missing():
     available, why, error = out.strip().splitlines()
     assert available == "False"
     assert "undefined symbol" in why and "undefined symbol" in error
+
+
+def test_packed_adapter_feeds_the_kernel_lamas_layout(monkeypatch):
+    # The extension takes LaMa's (2Co, 2Ci) weight; the ops pass (2, 2, Co, Ci) blocks and two
+    # scales. A stand-in kernel (the reference math) checks the adapter's unpacking and its cache.
+    import torch
+
+    from ffc_kernels import _ext
+    from ffc_kernels.ops.spectral_mix import pack_bias, pack_weight, spectral_mix_reference
+
+    monkeypatch.setattr(_ext, "spectral_mix", lambda spec, w, b, relu: spectral_mix_reference(spec, w, b, relu))
+    torch.manual_seed(0)
+    spec = torch.fft.rfft2(torch.randn(2, 5, 6, 7))
+    weight, bias = torch.randn(6, 10), torch.randn(6)
+    packed_w, packed_b = pack_weight(weight), pack_bias(bias)
+    expected = spectral_mix_reference(spec, weight * 0.5, bias * 0.25, True)
+    assert torch.allclose(_ext.spectral_mix_packed(spec, packed_w, packed_b, True, 0.5, 0.25), expected, atol=1e-5)
+    packed_w.mul_(2)  # in place: the cached unpacked weight must follow
+    expected = spectral_mix_reference(spec, weight, bias * 0.25, True)
+    assert torch.allclose(_ext.spectral_mix_packed(spec, packed_w, packed_b, True, 0.5, 0.25), expected, atol=1e-5)
+    with torch.inference_mode():  # folded weights made there are inference tensors
+        w_inf, b_inf = pack_weight(weight), pack_bias(bias)
+        got = _ext.spectral_mix_packed(spec, w_inf, b_inf, False, 1.0, 1.0)
+    assert torch.allclose(got, spectral_mix_reference(spec, weight, bias, False), atol=1e-5)

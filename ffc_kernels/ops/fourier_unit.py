@@ -11,10 +11,12 @@ so ``spectral_mix`` gets weight_scale = a*c and bias_scale = c. The C2R transfor
 exactly the values LaMa's does (up to rounding), so its treatment of the non-Hermitian
 imaginary parts at frequencies 0 and W/2 (which ReLU creates) is the same.
 
-Bytes (fp32, C channels, P = H*W pixels, N = H*(W/2+1) ~ P/2 spectral points):
-    eager: rfft2 + scale (~4CP + 16CN) + mix chain (120CN) + irfft2 + scale (~4CP + 16CN,
-           plus the C2R clone 16CN) ~ 8CP + 168CN ~ 92CP bytes
-    fused: rfft2 (4CP + 8CN) + mix (16CN) + irfft2 (C2R clone 16CN + 4CP) ~ 8CP + 40CN ~ 28CP.
+Bytes (fp32, C channels, P = H*W pixels, N = H*(W/2+1) ~ P/2 spectral points; counted op by op
+in benchmarks/common.py):
+    eager: rfft2 + ortho scale of the spectrum (4CP + 24CN) + the mix chain (112CN) + irfft2 with
+           its input clone (24CN + 4CP) + ortho scale of the real output (8CP) = 16CP + 160CN ~ 96CP
+    fused: rfft2 (4CP + 8CN) + mix (16CN) + irfft2 with its input clone (24CN + 4CP)
+           = 8CP + 48CN ~ 32CP bytes, three times less.
 The FFTs stay cuFFT's (pocketfft on CPU); they run in fp32 whatever the input dtype, since
 torch.fft rejects bf16 and fp16 overflows at LaMa's sizes.
 """

@@ -17,9 +17,9 @@ Output (B, Co, H, Wf) complex64, contiguous.
 
 Bytes (fp32, B=1, C=Ci=Co, N=H*Wf spectral points, so 8CN bytes per complex tensor):
     eager: stack (r 8CN, w 8CN) + permute copy (16CN) + conv (16CN) + BN (16CN) + ReLU (16CN)
-           + permute copy (16CN) + complex (16CN) = 120CN bytes, seven kernels.
-    fused: read 8CN + write 8CN = 16CN bytes, one kernel (7.5x less); the weights (16C^2) stay
-           in L2. FLOPs: 8 C^2 N either way.
+           + permute copy (16CN) + complex (16CN) = 112CN bytes, seven kernels.
+    fused: read 8CN + write 8CN = 16CN bytes, one kernel (7x less); the weights (16C^2) stay
+           in L2. FLOPs: 8 C^2 N either way. (benchmarks/common.py counts these op by op.)
 
 Precision: every dot runs on tensor cores with fp32 accumulation. fp32 data is multiplied as
 3xTF32 (each operand split into a TF32 high and low part: fp32-class accuracy, the default,
