@@ -61,7 +61,7 @@ def _unavailable(backend: str, device: torch.device) -> str | None:
 _warned: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -88,7 +88,7 @@ def select(device: torch.device, has_cuda_impl: bool = False) -> str:
         return "cuda"
     if _unavailable("triton", device) is None:
         return "triton"
-    _warn_once(f"ffc_kernels: Triton unavailable ({_TRITON_ERROR}); CUDA tensors use the torch path")
+    warn_once(f"ffc_kernels: Triton unavailable ({_TRITON_ERROR}); CUDA tensors use the torch path")
     return "torch"
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ffc_kernels import reference
+from ffc_kernels import backends, reference
 from ffc_kernels.fold import batchnorm_affine, fold
 from ffc_kernels.ops.fourier_unit import fourier_unit
 from ffc_kernels.ops.pointwise_conv import pointwise_conv
@@ -207,6 +207,8 @@ def _has_hooks(module: nn.Module, include_self: bool = True) -> bool:
     from torch.nn.modules import module as module_globals
 
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        backends.warn_once("ffc_kernels: global module forward hooks are registered (a profiler or FLOP "
+                           "counter?); FFC modules run the reference math while they are, so every hook fires")
         return True
     return any(m._forward_hooks or m._forward_pre_hooks
                for m in module.modules() if include_self or m is not module)

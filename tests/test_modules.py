@@ -327,3 +327,29 @@ def test_cache_follows_batchnorm_eps_and_inner_train_mode():
         m.ffc.convg2g.conv1[1].train()  # batch statistics inside an eval FFC: not foldable
     assert max_err(_run(fast, x)[1], _run(ref, x)[1]) < 1e-5
     assert fast.last_path == "reference"
+
+
+def test_torch_compile_of_a_fast_block_matches_reference():
+    # The fold cache and buffer checks break the graph; the fused ops inside are custom ops.
+    ref, fast, x = _block_and_input(seed=14)
+    compiled = torch.compile(fast, backend="aot_eager")
+    out = _run(compiled, x)
+    assert fast.conv1.last_path == "fused"
+    for a, b in zip(out, _run(ref, x)):
+        assert max_err(a, b) < 1e-5
+
+
+def test_global_hooks_run_reference_math_and_warn_once():
+    ref, fast, x = _block_and_input(seed=15)
+    calls = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    try:
+        with pytest.warns(RuntimeWarning, match="global module forward hooks"):
+            out = _run(fast, x)
+    finally:
+        handle.remove()
+    assert fast.conv1.last_path == "reference" and "Conv2d" in calls
+    for a, b in zip(out, _run(ref, x)):
+        assert max_err(a, b) < 1e-5
+    _run(fast, x)
+    assert fast.conv1.last_path == "fused"
