@@ -11,7 +11,6 @@ the reference in fp32 with TF32, since LaMa's FourierUnit cannot run in bf16.
 """
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -74,16 +73,10 @@ def make_cases(size, mode, device, args):
 
 # ------------------------------------------------------------------------------------- pytest
 
-@functools.lru_cache(maxsize=None)
-def _pytest_case(device: str, compile_: bool):
-    args = common.script_parser(__doc__).parse_args([])
-    args.compile_here = compile_
-    return next(make_cases(common.PYTEST_SIZE, common.MODES["fp32"], torch.device(device), args))
-
-
 @pytest.mark.parametrize("provider", ["eager", "compile", "fused"])
 def test_ffc_bn_act(benchmark, provider, bench_device, bench_compile):
-    common.pytest_case(_pytest_case(bench_device, bench_compile), provider, benchmark, bench_device)
+    case = common.pytest_single_case(make_cases, common.script_parser(__doc__), bench_device, bench_compile)
+    common.pytest_case(case, provider, benchmark, bench_device)
 
 
 def test_ffc_bn_act_models_match_aten_count():

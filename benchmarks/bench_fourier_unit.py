@@ -12,7 +12,6 @@ bytes: eager ~16CP + 160CN, fused ~8CP + 48CN (see common.fourier_unit_traffic).
 """
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -63,16 +62,10 @@ def make_cases(size, mode, device, args):
 
 # ------------------------------------------------------------------------------------- pytest
 
-@functools.lru_cache(maxsize=None)
-def _pytest_case(device: str, compile_: bool):
-    args = common.script_parser(__doc__).parse_args([])
-    args.compile_here = compile_
-    return next(make_cases(common.PYTEST_SIZE, common.MODES["fp32"], torch.device(device), args))
-
-
 @pytest.mark.parametrize("provider", ["eager", "compile", "fused"])
 def test_fourier_unit(benchmark, provider, bench_device, bench_compile):
-    common.pytest_case(_pytest_case(bench_device, bench_compile), provider, benchmark, bench_device)
+    case = common.pytest_single_case(make_cases, common.script_parser(__doc__), bench_device, bench_compile)
+    common.pytest_case(case, provider, benchmark, bench_device)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import lama_fast  # noqa: E402
 from lama_fast.demo import demo_generator, demo_image, demo_mask  # noqa: E402
 
 SIZES = (512, 1024, 2048)
-PYTEST_SIZE = common.PYTEST_SIZE  # 64^2 bottleneck; one timed round per provider
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,16 +86,10 @@ def make_cases(size, mode, device, args):
 
 # ------------------------------------------------------------------------------------- pytest
 
-@functools.lru_cache(maxsize=None)
-def _pytest_case(device: str, compile_: bool):
-    args = common.script_parser(__doc__).parse_args([])
-    args.compile_here = compile_
-    return next(make_cases(PYTEST_SIZE, common.MODES["fp32"], torch.device(device), args))
-
-
 @pytest.mark.parametrize("provider", ["eager", "compile", "fused"])
 def test_generator(benchmark, provider, bench_device, bench_compile):
-    common.pytest_case(_pytest_case(bench_device, bench_compile), provider, benchmark, bench_device, rounds=1)
+    case = common.pytest_single_case(make_cases, common.script_parser(__doc__), bench_device, bench_compile)
+    common.pytest_case(case, provider, benchmark, bench_device, rounds=1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ torch.compile of that, fused = ``pointwise_conv`` with BatchNorm folded. Bytes p
 from __future__ import annotations
 
 import copy
-import functools
 import sys
 from pathlib import Path
 
@@ -119,17 +118,11 @@ def parser():
 
 # ------------------------------------------------------------------------------------- pytest
 
-@functools.lru_cache(maxsize=None)
-def _pytest_cases(device: str, compile_: bool):
-    args = parser().parse_args([])
-    args.compile_here = compile_
-    return {c.case: c for c in make_cases(common.PYTEST_SIZE, common.MODES["fp32"], torch.device(device), args)}
-
-
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("provider", ["eager", "compile", "fused"])
 def test_pointwise_conv(benchmark, case, provider, bench_device, bench_compile):
-    common.pytest_case(_pytest_cases(bench_device, bench_compile)[case], provider, benchmark, bench_device)
+    cases = common.pytest_cases(make_cases, parser(), bench_device, bench_compile)
+    common.pytest_case(cases[case], provider, benchmark, bench_device)
 
 
 if __name__ == "__main__":

@@ -899,6 +899,23 @@ def run_script(parser: argparse.ArgumentParser, make_cases: Callable, argv=None)
 
 PYTEST_SIZE = 512  # 64^2 bottleneck
 PYTEST_ROUNDS = 2
+_PYTEST_CASES: dict = {}
+
+
+def pytest_cases(make_cases, parser, device: str, compile_: bool) -> dict:
+    """A bench file's cases at the pytest size, by case name; built once per device and setting."""
+    key = (make_cases, device, compile_)
+    if key not in _PYTEST_CASES:
+        args = parser.parse_args([])
+        args.compile_here = compile_
+        _PYTEST_CASES[key] = {c.case: c for c in make_cases(PYTEST_SIZE, MODES["fp32"], torch.device(device), args)}
+    return _PYTEST_CASES[key]
+
+
+def pytest_single_case(make_cases, parser, device: str, compile_: bool) -> "Case":
+    """The one case of a bench file that has a single case."""
+    (case,) = pytest_cases(make_cases, parser, device, compile_).values()
+    return case
 
 
 def pytest_case(case: Case, provider: str, benchmark, device, rounds: int = PYTEST_ROUNDS) -> None:
