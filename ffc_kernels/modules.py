@@ -187,19 +187,23 @@ def _fold_ffc(ffc, bn_l, bn_g, dtype, device):
     return folded
 
 
-def _state_tensors(*modules):
-    tensors = []
-    for m in modules:
-        if m is not None:
-            tensors.extend(m.parameters())
-            tensors.extend(b for b in m.buffers() if b is not None)
-    return tensors
-
-
-def _settings(*modules):
-    """The non-tensor settings folding reads (BatchNorm eps and mode, FFT norm)."""
-    return tuple((type(m), getattr(m, "eps", None), getattr(m, "training", None), getattr(m, "fft_norm", None))
-                 for root in modules if root is not None for m in root.modules())
+def _fold_key(*roots):
+    """What folding reads, as (tensors, key): every parameter and buffer with its version and
+    storage, and the settings of each module (BatchNorm eps and mode, FFT norm). One walk, since
+    it runs on every forward."""
+    tensors, key = [], []
+    for root in roots:
+        if root is None:
+            continue
+        for m in root.modules():
+            # __dict__ lookups: a missing attribute costs nn.Module.__getattr__ an exception.
+            key.append((type(m), m.__dict__.get("eps"), m.training, m.__dict__.get("fft_norm")))
+            for group in (m._parameters, m._buffers):
+                for t in group.values():
+                    if t is not None:
+                        tensors.append(t)
+                        key.append((0 if t.is_inference() else t._version, t.data_ptr()))
+    return tensors, tuple(key)
 
 
 def _has_hooks(module: nn.Module, include_self: bool = True) -> bool:
@@ -275,9 +279,8 @@ class _FusedFFCMixin:
         # ``.to()`` and ``p.data = ...`` change storage. Writes through ``p.data`` bump nothing:
         # call ``clear_fold_cache(model)`` after those. Inference tensors (made under
         # torch.inference_mode) have no version counter and cannot be changed in place outside it.
-        tensors = _state_tensors(ffc, bn_l, bn_g)
-        versions = (dtype, device, _settings(ffc, bn_l, bn_g),
-                    tuple((0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors))
+        tensors, key = _fold_key(ffc, bn_l, bn_g)
+        versions = (dtype, device, key)
         cache = self._ffc_fold_cache
         if (cache is None or cache[1] != versions or len(cache[0]) != len(tensors)
                 or any(a is not b for a, b in zip(cache[0], tensors))):
