@@ -6,7 +6,7 @@ those to 192 channels for its FourierUnit, whose 1x1 convolution mixes 2 x 192 =
 channels (real and imaginary parts stacked). Benchmarks are indexed by the LaMa *input* size
 (512, 1024, 2048, 4096), so the bottleneck is 64^2 .. 512^2.
 
-Models. FLOPs and bytes are re-derived from the shapes here (PERFORMANCE.md gives targets, not
+Models. FLOPs and bytes are re-derived from the shapes here (the performance notes, shared/PERFORMANCE.md, give targets, not
 inputs). Bytes follow each op file's header: a list of kernels, each reading its inputs once and
 writing its outputs once; where this count differs from a header, the function says why. For the
 whole generator the same rule is applied mechanically to every aten op of one forward pass
@@ -135,7 +135,7 @@ def modes_from_args(dtypes, tf32s) -> list[Mode]:
 def fft_flops(channels: int, h: int, w: int, batch: int = 1) -> float:
     """One 2-D real transform (forward or inverse) of ``channels`` planes: 5 N log2 N per plane
     with N = H * (W//2 + 1), the usual complex-FFT count applied to the half spectrum
-    (PERFORMANCE.md's 36 GFLOP of FFTs in big-lama at 2048^2 is this count)."""
+    (the performance notes' 36 GFLOP of FFTs in big-lama at 2048^2 is this count)."""
     n = spectral_points(h, w)
     return 5.0 * n * math.log2(n) * channels * batch
 
@@ -202,9 +202,7 @@ class Traffic:
 def spectral_mix_traffic(kind: str, ci: int, co: int, n: int, batch: int = 1, lama_bn: bool = True) -> Traffic:
     """spectral_mix (op header). eager: LaMa's stack, permute, conv, BN, ReLU, permute, complex.
 
-    The header totals 120CN for eager by counting stack's read of the interleaved spectrum
-    twice (once through ``.real``, once through ``.imag``); here it is read once: 112CN at
-    Ci = Co. fused: read 8CiN, write 8CoN, plus the packed weights (16 Ci Co)."""
+    112CN at Ci = Co, as in the op header. fused: read 8CiN, write 8CoN, plus the packed weights (16 Ci Co)."""
     b = batch
     weights = 16 * ci * co
     t = Traffic()
@@ -224,10 +222,9 @@ def fourier_unit_traffic(kind: str, c: int, h: int, w: int, batch: int = 1) -> T
 
     eager: rfftn (read 4CP, write 8CN), ortho scale (16CN), the mix chain (112CN), irfftn's
     copy of its input (C2R overwrites it: 16CN), the C2R transform (8CN + 4CP) and its ortho
-    scale on the real output (8CP): 16CP + 160CN. The header says 8CP + 168CN, counting the
-    inverse scale on the spectrum rather than on the real output (torch scales the output).
+    scale on the real output (8CP): 16CP + 160CN.
     fused: rfft2 (4CP + 8CN), spectral_mix (16CN), the C2R copy (16CN) and transform (8CN + 4CP):
-    8CP + 48CN; the header's 40CN leaves out the C2R transform's own read of its copy.
+    8CP + 48CN, as in the op header.
     FFTs are counted as one pass each; cuFFT takes two or more at these sizes."""
     p, n, b = h * w, spectral_points(h, w), batch
     real, spec = F32 * c * p * b, C64 * c * n * b

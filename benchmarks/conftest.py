@@ -3,7 +3,7 @@
 The bench files are collected only when benchmarks/ (or a file in it) is named on the command
 line, so `python -m pytest` and `python -m pytest tests` never run them.
 
-    python -m pytest benchmarks --benchmark-only                  # CPU, small shapes, ~2 min
+    python -m pytest benchmarks --benchmark-only                  # CPU, small shapes, well under a minute
     python -m pytest benchmarks --benchmark-only --compile        # also torch.compile(reference)
     python -m pytest benchmarks --benchmark-only --bench-device cuda
 """

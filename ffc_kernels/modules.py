@@ -399,7 +399,7 @@ class FastFFC_BN_ACT(_FusedFFCMixin, reference.FFC_BN_ACT):
             if relu_l is not None and relu_g is not None:
                 out = self._fused_ffc(self.ffc, x, self.bn_l, self.bn_g, relu_l, relu_g)
                 if out is not None:
-                    self.last_path = "fused"
+                    self.last_path = self.ffc.last_path = "fused"
                     return out
         self.last_path = "reference"
         return super().forward(x)
@@ -415,9 +415,13 @@ class FastFFCResnetBlock(reference.FFCResnetBlock):
         self.conv1.ffc.__class__ = FastFFC
         self.conv2.ffc.__class__ = FastFFC
 
+    last_path = None  # "fused" or "reference": which math the last forward ran
+
     def forward(self, x):
         if self.inline or self.training or _needs_grad(self, x):
+            self.last_path = "reference"
             return super().forward(x)
+        self.last_path = "fused"
         x_l, x_g = x if type(x) is tuple else (x, 0)
         y_l, y_g = self.conv2(self.conv1((x_l, x_g)))
         if _has_hooks(self.conv2):  # a hook may hold conv2's outputs: LaMa's out-of-place adds

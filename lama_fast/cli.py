@@ -1,6 +1,6 @@
 """``lama-fast``: inpaint images with a LaMa checkpoint, verify the fused path, find the benchmarks.
 
-    lama-fast inpaint IMAGE MASK -o OUT --checkpoint PATH [--device cpu|cuda] [--reference]
+    lama-fast inpaint IMAGE MASK -o OUT --checkpoint PATH [--device cpu|cuda] [--reference] [--dtype fp32|bf16]
     lama-fast verify [--size 256] [--device cpu|cuda] [--blocks N] [--seed 0] [--save DIR]
     lama-fast bench
 
@@ -86,7 +86,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "inpaint",
         help="inpaint an image (or a directory of images) with a LaMa checkpoint",
         description="Inpaint IMAGE where MASK is white (> 127), writing a PNG. With directories, "
-        "each image <stem>.<ext> in IMAGE is paired with <stem>_mask.png or <stem>.png in MASK, "
+        "each image <stem>.<ext> in IMAGE is paired with <stem>_mask.<ext> or <stem>.<ext> in MASK "
+        "(_mask and .png preferred), "
         "and OUT/<stem>.png is written.",
     )
     run.add_argument("image", metavar="IMAGE", help="image file, or a directory of images")
@@ -245,7 +246,7 @@ def _plan_directory(image_dir: Path, mask_dir: Path, output: Path):
     if unmatched:
         names = ", ".join(p.name for p in unmatched)
         print(f"{PROG}: no mask for {len(unmatched)} of {len(pairs) + len(unmatched)} images "
-              f"(looked for <stem>_mask.png or <stem>.png in {mask_dir}), skipping: {names}", file=sys.stderr)
+              f"(looked for <stem>_mask.<ext> or <stem>.<ext> in {mask_dir}), skipping: {names}", file=sys.stderr)
     if not pairs:
         raise CLIError(f"no image in {image_dir} has a mask in {mask_dir}")
     return pairs, unmatched

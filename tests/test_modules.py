@@ -353,3 +353,13 @@ def test_global_hooks_run_reference_math_and_warn_once():
         assert max_err(a, b) < 1e-5
     _run(fast, x)
     assert fast.conv1.last_path == "fused"
+
+
+def test_last_path_is_reported_at_every_level():
+    ref, fast, x = _block_and_input(seed=16)
+    _run(fast, x)
+    assert fast.last_path == "fused"
+    assert fast.conv1.last_path == fast.conv1.ffc.last_path == "fused"
+    fast.train()
+    fast(x)
+    assert fast.last_path == fast.conv1.last_path == fast.conv1.ffc.last_path == "reference"
