@@ -184,6 +184,14 @@ def _fold_ffc(ffc, bn_l, bn_g, dtype, device):
         folded.spectral = _spectral_folded(ffc.convg2g, aff_g[0], aff_g[1], l2g_bias, dtype, device)
         if folded.spectral is None:
             return None
+    # No spectral branch: local and global rows are one convolution over the same input.
+    folded.rows = None
+    rows = [r for r in (folded.local, folded.l2g) if r is not None]
+    if folded.spectral is None and rows:
+        bias = None
+        if any(r[1] is not None for r in rows):
+            bias = torch.cat([r[1] if r[1] is not None else r[0].new_zeros(r[0].shape[0]) for r in rows])
+        folded.rows = (torch.cat([r[0] for r in rows]), bias)
     return folded
 
 
@@ -292,7 +300,7 @@ class _FusedFFCMixin:
     def _fused_ffc(self, ffc, x, bn_l, bn_g, relu_l, relu_g):
         """The FFC (+ norms and ReLU) output, or None when the fused path does not apply."""
         x_l, x_g = x if type(x) is tuple else (x, 0)
-        ref = next(t for t in (x_l, x_g) if torch.is_tensor(t)) if (torch.is_tensor(x_l) or torch.is_tensor(x_g)) else None
+        ref = next((t for t in (x_l, x_g) if torch.is_tensor(t)), None)
         if ref is None or ref.dim() != 4 or ref.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return None
         if not _fusable_ffc(ffc) or _has_hooks(self, include_self=False):
@@ -322,15 +330,9 @@ class _FusedFFCMixin:
             x_pad, padding = _pad(x_in, conv)
 
         if folded.spectral is None:
-            # No spectral branch: local and global rows are one convolution over the same input.
-            rows = [r for r in (folded.local, folded.l2g) if r is not None]
-            if not rows:
+            if folded.rows is None:
                 return None
-            weight = torch.cat([r[0] for r in rows])
-            bias = None
-            if any(r[1] is not None for r in rows):
-                bias = torch.cat([r[1] if r[1] is not None else r[0].new_zeros(r[0].shape[0]) for r in rows])
-            y = _conv(x_pad, padding, conv, (weight, bias))
+            y = _conv(x_pad, padding, conv, folded.rows)
             n_l = folded.local[0].shape[0] if folded.local is not None else 0
             out_l = y[:, :n_l] if folded.local is not None else 0
             out_g = y[:, n_l:] if folded.l2g is not None else 0
