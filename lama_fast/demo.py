@@ -23,7 +23,8 @@ import torch.nn as nn
 
 import ffc_kernels
 from ffc_kernels.reference import FFCResnetBlock
-from lama_fast.generator import build_generator, optimize
+from lama_fast.generator import build_generator
+from lama_fast.optimize import optimize
 from lama_fast.pipeline import _inpaint
 
 __all__ = ["demo_generator", "demo_image", "demo_mask", "verify", "VerifyReport", "FP32_TOLERANCE"]

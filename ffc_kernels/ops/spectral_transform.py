@@ -1,0 +1,78 @@
+"""SpectralTransform (conv1 -> FourierUnit -> conv2, + the FFC's exchange epilogue) as GEMMs in channels_last.
+
+What is fused. For big-lama's global branch (no LFU, no downsampling) LaMa runs, in eval:
+    conv1 (1x1) -> BN -> ReLU -> rfft2 -> stack/permute -> 1x1 conv -> BN -> ReLU -> permute ->
+    complex -> irfft2 -> x + fu(x) -> conv2 (1x1) -> + convl2g(x_l) -> bn_g -> act_g
+In channels_last (NHWC) every 1x1 convolution is a plain GEMM over pixels, and the spectrum of
+an NHWC tensor viewed as real numbers is already LaMa's stacked order (channel 2c = Re(c),
+2c+1 = Im(c)), so the FourierUnit's convolution is one GEMM with LaMa's own (2Co, 2Ci) weight:
+no stack, no permute, no complex(). Here:
+    t = relu(x @ W1' + b1')                       one GEMM (BN folded), ReLU in its epilogue
+    s = rfft2(t) over (H, W), unnormalised        pocketfft / cuFFT, fp32
+    m = relu(s @ (a c W_fu') + c b_fu')           one GEMM on the interleaved spectrum
+    t += irfft2(m), normalised by "forward"       ortho scales folded into the GEMM (see fourier_unit)
+    out = relu(residual + t @ W2')                one GEMM with the sum and ReLU in its epilogue
+``residual`` is convl2g(x_l) with its bias, conv2's bias and bn_g's shift folded into it by
+the caller. The GEMMs are ``dense.linear``: oneDNN's fused primitives on the CPU. The reference math is
+``ffc_kernels.reference.SpectralTransform`` followed by the FFC_BN_ACT epilogue.
+
+Layout: ``x`` (N, Ci, H, W) and ``residual`` (N, Co, H, W), both contiguous channels_last
+(every GEMM operand a plain matrix, no copy). Data fp32 or bf16 (weights of the same dtype);
+the FFTs run in fp32 whatever the data (torch.fft has no bf16), and every GEMM accumulates in
+fp32. Returns the output, a new channels_last tensor.
+
+Bytes (fp32, C = Ci, Co = 2C, C/2 FourierUnit channels, P pixels, N ~ P/2 spectral points):
+    eager (LaMa): conv1, BN, ReLU (4CP + 2 x 4CP) + FourierUnit (~48CP) + sum (6CP) + conv2
+                  (6CP) + add, BN, ReLU on 2C channels (24CP)              ~ 96CP
+    here: conv1 (4CP + 2CP) + rfft2 (2CP + 4CN) + mix (8CN) + irfft2 (4CN + 2CP) + add (6CP)
+          + conv2 into the residual (2CP + 8CP + 8CP)                      ~ 38CP
+"""
+from __future__ import annotations
+
+import torch
+
+from ffc_kernels.ops._common import check_shape, check_tensor
+from ffc_kernels.ops.dense import linear
+from ffc_kernels.ops.fourier_unit import _FORWARD_SCALE, _INVERSE_SCALE
+
+__all__ = ["spectral_transform_nhwc", "spectral_gemm_weights"]
+
+
+def spectral_gemm_weights(w1, b1, w_fu, b_fu, w2, *, fft_norm, height, width, dtype):
+    """The operands of ``spectral_transform_nhwc`` from folded weights, for an H x W input.
+
+    ``w1`` (C1, Ci), ``b1`` (C1,), ``w_fu`` (2 C1, 2 C1), ``b_fu`` (2 C1,), ``w2`` (Co, C1), as
+    (out, in) matrices (float64 preferably). The FourierUnit's FFT normalisation is folded into
+    the mix (see ``fourier_unit``), which is why the operands depend on the spatial size.
+    """
+    a, c = _FORWARD_SCALE[fft_norm](height * width), _INVERSE_SCALE[fft_norm](height * width)
+    return tuple(t.to(dtype).contiguous() for t in (w1, b1, w_fu * (a * c), b_fu * c, w2))
+
+
+def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2, *, relu=True):
+    """relu(residual + conv2(t + FourierUnit(t))) with t = relu(conv1(x)), channels_last (see header).
+
+    Operands from ``spectral_gemm_weights`` for x's H x W. Returns a new channels_last tensor.
+    """
+    n, ci, h, w = x.shape
+    check_tensor("residual", residual, dtypes=(x.dtype,), ndim=4, device=x.device)
+    c1, co = w1.shape[0], w2.shape[0]
+    check_shape("residual", residual, (n, co, h, w))
+    for name, t in (("x", x), ("residual", residual)):
+        if not t.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"{name} must be contiguous channels_last, got strides {t.stride()}")
+    check_shape("w1", w1, (c1, ci))
+    check_shape("w_fu", w_fu, (2 * c1, 2 * c1))
+    x2d = x.permute(0, 2, 3, 1).reshape(-1, ci)  # views: channels_last is NHWC in memory
+    t = linear(x2d, w1, b1, relu=True)
+    t4 = t.view(n, h, w, c1)
+    spec = torch.fft.rfft2(t4.float(), dim=(1, 2), norm="backward")  # (n, h, w//2+1, c1) complex64
+    # Channel 2c = Re(c), 2c+1 = Im(c): LaMa's order. torch's CPU FFT returns the spectrum
+    # channels-first whatever its input's layout, so this reshape transposes it (a copy of
+    # C1 x N complex values, small next to the convolutions).
+    s = torch.view_as_real(spec).reshape(-1, 2 * c1)
+    m = linear(s.to(w_fu.dtype), w_fu, b_fu, relu=True)
+    mixed = torch.view_as_complex(m.float().view(n, h, w // 2 + 1, c1, 2))
+    t4 += torch.fft.irfft2(mixed, s=(h, w), dim=(1, 2), norm="forward")
+    y = linear(t, w2, None, relu=relu, add=residual.permute(0, 2, 3, 1).reshape(-1, co))
+    return y.view(n, h, w, co).permute(0, 3, 1, 2)

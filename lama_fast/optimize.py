@@ -1,0 +1,581 @@
+"""``optimize``: LaMa's whole generator as one folded, channels_last inference plan.
+
+``optimize(generator, precision=...)`` converts a LaMa generator in place (built here, loaded
+from a checkpoint, or from LaMa's own code) and returns it. Its forward keeps the generator's
+contract: float32 N x 4 x H x W in (image * (1 - mask), mask), float32 N x 3 x H x W out.
+Inside, one plan runs the whole network:
+
+- every BatchNorm is folded into the convolution before it (the decoder's ConvTranspose2d +
+  BatchNorm too), every ReLU runs in place on the convolution's output;
+- activations are channels_last: oneDNN's and cuDNN's fast layout, and the one in which the
+  SpectralTransform's 1x1 convolutions and its FourierUnit's mix are plain GEMMs;
+- the residual blocks keep the local and global halves as two contiguous tensors (a channel
+  slice of one channels_last buffer is strided, and oneDNN copies strided inputs); the merged
+  exchange ``convl2l(x_l) + convg2l(x_g)`` runs as two convolutions summed in place, and
+  ``convl2g(x_l)`` (with conv2's bias and bn_g's shift in its bias) becomes the global output
+  when the SpectralTransform adds its conv2 into it (``ffc_kernels.ops.spectral_transform``);
+  on CUDA with Triton the global branch runs the fused ops (``pointwise_conv``, ``fourier_unit``);
+- the residual adds are in place.
+
+Precision is the module's own setting, never read from or written to torch's global flags
+(cuDNN's and cuBLAS's TF32 switches are set for the duration of a CUDA forward and restored):
+``"fp32"``: IEEE fp32 (split-TF32 in the Triton dots, which is as accurate); ``"tf32"``: TF32
+tensor cores on CUDA, fp32 on the CPU; ``"bf16"``: bf16 weights, activations and GEMM/convolution
+operands with fp32 accumulation, FFTs in fp32. Without bf16 support (a CPU without AVX512-BF16 /
+AMX, a GPU before sm_80) bf16 says so once and runs fp32.
+
+Folded weights are rebuilt when a parameter or buffer changes (``load_state_dict``, ``.to()``,
+optimizer steps: each changes a tensor's version or storage); training mode, a forward that
+needs gradients, forward hooks on any submodule, or a generator whose layout is not LaMa's run
+the generator's own forward (its FFC modules converted to the fused twins).
+
+CUDA: after one warm-up per input shape the forward is captured in a CUDA graph and replayed
+(``cuda_graphs=True``, the default). Under ``torch.compile`` the plan is traced as it is (no
+graph breaks: the checks above run only outside compilation, so refold before compiling).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ffc_kernels
+from ffc_kernels import backends
+from ffc_kernels.fold import batchnorm_affine, fold
+from ffc_kernels.ops import dense
+from ffc_kernels.ops.fourier_unit import fourier_unit
+from ffc_kernels.ops.pointwise_conv import pointwise_conv
+from ffc_kernels.ops.spectral_mix import pack_bias, pack_weight
+from ffc_kernels.ops.spectral_transform import spectral_gemm_weights, spectral_transform_nhwc
+
+__all__ = ["optimize", "PRECISIONS", "plan_info"]
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+_CL = torch.channels_last
+_GRAPH_CACHE_SIZE = 2  # input shapes whose CUDA graphs are kept (each holds its activations)
+
+
+# ------------------------------------------------------------------------------ precision
+
+@dataclasses.dataclass(frozen=True)
+class _Precision:
+    name: str            # what runs: fp32, tf32 or bf16
+    dtype: torch.dtype   # weights and activations
+    dot: str             # the Triton dot flavour for fp32 operands
+    allow_tf32: bool     # cuDNN / cuBLAS TF32 on CUDA
+
+
+def bf16_unsupported(device: torch.device) -> str | None:
+    """Why bf16 compute is not available on ``device`` (None when it is)."""
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return None if major >= 8 else f"this GPU (sm_{major}x) has no bf16 tensor cores"
+    if device.type == "cpu":
+        supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        if torch.backends.mkldnn.is_available() and supported is not None and supported():
+            return None
+        return "this CPU has no bf16 instructions (AVX512-BF16 or AMX)"
+    return None
+
+
+def _resolve_precision(name: str, device: torch.device) -> _Precision:
+    if name == "bf16":
+        why = bf16_unsupported(device)
+        if why is not None:
+            backends.warn_once(f"lama_fast.optimize: precision='bf16' runs fp32: {why}")
+            name = "fp32"
+    if name == "bf16":
+        return _Precision("bf16", torch.bfloat16, "bf16", True)
+    if name == "tf32" and device.type == "cuda":
+        return _Precision("tf32", torch.float32, "tf32", True)
+    return _Precision("fp32", torch.float32, "tf32x3", False)
+
+
+@contextlib.contextmanager
+def _cuda_precision(device: torch.device, allow_tf32: bool):
+    """cuDNN's and cuBLAS's TF32 switches as the plan needs them, restored afterwards."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# ------------------------------------------------------------------------------ the plan
+
+@dataclasses.dataclass
+class _Conv:
+    """A convolution with its BatchNorm folded: weight, bias, geometry, reflect pre-padding."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple = (1, 1)
+    padding: tuple = (0, 0)     # zero padding inside the convolution
+    dilation: tuple = (1, 1)
+    reflect: int = 0            # reflection padding applied before it
+    relu: bool = False
+    transposed: bool = False
+    output_padding: tuple = (0, 0)
+
+    def __call__(self, x, add=None, relu=None):
+        relu = self.relu if relu is None else relu
+        if self.transposed:
+            y = F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding,
+                                   1, self.dilation)
+            return y.relu_() if relu else y
+        if self.reflect:
+            return dense.reflect_conv2d(x, self.weight, self.bias, self.reflect, self.stride, self.dilation,
+                                        relu=relu, add=add)
+        return dense.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, relu=relu, add=add)
+
+
+@dataclasses.dataclass
+class _LocalFFC:
+    """An FFC_BN_ACT without a spectral branch (the stem, the downsampling layers): x -> (l, g)."""
+
+    local: _Conv | None
+    to_global: _Conv | None
+
+    def __call__(self, state, plan):
+        x = state[0] if state[1] is None else torch.cat(state, dim=1)
+        return tuple(None if c is None else c(x) for c in (self.local, self.to_global))
+
+
+@dataclasses.dataclass
+class _SpectralFFC:
+    """A residual block's FFC_BN_ACT: (l, g) -> (act(bn_l(l2l(l) + g2l(g))), act(bn_g(l2g(l) + g2g(g))))."""
+
+    l2l: _Conv          # no bias, no ReLU
+    g2l: _Conv          # bn_l's shift as bias; act_l after the sum with l2l
+    l2g: _Conv          # bias: conv2's, convl2g's and bn_g's shift
+    relu_l: bool
+    relu_g: bool
+    spectral: tuple     # folded float64 (w1, b1, w_fu, b_fu, w2) as (out, in) matrices
+    fft_norm: str
+    dtype: torch.dtype
+    fused: tuple | None  # (w1, b1, packed fu weight, packed fu bias, w2) fp32, for the fused ops
+    gemm: dict = dataclasses.field(default_factory=dict)  # (H, W) -> spectral_transform_nhwc operands
+
+    def __call__(self, state, plan):
+        x_l, x_g = state
+        y_l = self.g2l(x_g, add=self.l2l(x_l), relu=self.relu_l)
+        y_g = self.l2g(x_l)
+        if plan.backend != "torch":
+            return y_l, self._fused_global(x_g, y_g, plan)
+        h, w = x_g.shape[-2:]
+        operands = self.gemm.get((h, w))
+        if operands is None:
+            operands = self.gemm[(h, w)] = spectral_gemm_weights(
+                *self.spectral, fft_norm=self.fft_norm, height=h, width=w, dtype=self.dtype)
+        return y_l, spectral_transform_nhwc(x_g, y_g, *operands, relu=self.relu_g)
+
+    def _fused_global(self, x_g, y_g, plan):
+        w1, b1, w_fu, b_fu, w2 = self.fused
+        n, _, h, w = x_g.shape
+        # The FFTs read conv1's output in fp32 and NCHW (contiguous (H, W) planes).
+        t = torch.empty(n, w1.shape[0], h, w, dtype=torch.float32, device=x_g.device)
+        kw = dict(precision=plan.precision.dot, backend=plan.backend)
+        pointwise_conv(x_g, w1, b1, relu=True, out=t, **kw)
+        f = fourier_unit(t, w_fu, b_fu, fft_norm=self.fft_norm, **kw)
+        return pointwise_conv(t, w2, None, addend=f, residual=y_g, relu=self.relu_g, out=y_g, **kw)
+
+
+@dataclasses.dataclass
+class _ResidualBlock:
+    conv1: _SpectralFFC
+    conv2: _SpectralFFC
+
+    def __call__(self, state, plan):
+        y_l, y_g = self.conv2(self.conv1(state, plan), plan)
+        y_l += state[0]
+        y_g += state[1]
+        return y_l, y_g
+
+
+@dataclasses.dataclass
+class _Concat:
+    def __call__(self, state, plan):
+        return (state[0] if state[1] is None else torch.cat(state, dim=1)), None
+
+
+@dataclasses.dataclass
+class _Single:
+    """A convolution (or transposed convolution) on a single tensor."""
+
+    conv: _Conv
+
+    def __call__(self, state, plan):
+        return self.conv(state[0]), None
+
+
+@dataclasses.dataclass
+class _Plan:
+    steps: list
+    activation: str | None      # "sigmoid", "tanh" or None
+    precision: _Precision
+    backend: str                # "torch" (GEMM formulation) or the fused ops' backend
+    device: torch.device
+    in_channels: int
+    out_channels: int
+
+    def run(self, x):
+        state = (x.to(self.precision.dtype), None)
+        for step in self.steps:
+            state = step(state, self)
+        y = state[0]
+        out = torch.empty(y.shape, dtype=torch.float32, device=y.device)  # NCHW, written by the last op
+        if self.activation == "sigmoid":
+            return torch.sigmoid(y, out=out) if y.dtype == out.dtype else out.copy_(y).sigmoid_()
+        if self.activation == "tanh":
+            return torch.tanh(y, out=out) if y.dtype == out.dtype else out.copy_(y).tanh_()
+        return out.copy_(y)
+
+
+# ------------------------------------------------------------------------------ building
+
+class _NotLaMa(Exception):
+    """The generator's layout is not one the plan covers; the message says where."""
+
+
+def _name(m) -> str:
+    """The LaMa class name of a module (ffc_kernels' fast twins count as the modules they replace)."""
+    return type(m).__name__.removeprefix("Fast")
+
+
+def _conv_geometry(conv: nn.Conv2d):
+    if conv.groups != 1:
+        raise _NotLaMa(f"grouped convolution {conv}")
+    if conv.padding_mode == "reflect":
+        ph, pw = conv.padding
+        if ph != pw:
+            raise _NotLaMa(f"unequal reflect padding {conv.padding}")
+        return dict(stride=conv.stride, padding=(0, 0), dilation=conv.dilation, reflect=ph)
+    if conv.padding_mode != "zeros":
+        raise _NotLaMa(f"padding mode {conv.padding_mode!r}")
+    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, reflect=0)
+
+
+def _relu_flag(act) -> bool:
+    if isinstance(act, nn.ReLU):
+        return True
+    if isinstance(act, nn.Identity):
+        return False
+    raise _NotLaMa(f"activation {act}")
+
+
+def _affine(bn):
+    aff = batchnorm_affine(bn)
+    if aff is None:
+        raise _NotLaMa(f"norm layer {bn} cannot be folded (train mode, no running statistics, or not BatchNorm2d)")
+    return aff
+
+
+def _weight(w, dtype, device):
+    return w.to(dtype=dtype, device=device).contiguous(memory_format=_CL)
+
+
+def _bias(b, dtype, device):
+    return None if b is None else b.to(dtype=dtype, device=device)
+
+
+def _build_local_ffc(m, reflect_before: int, dtype, device) -> _LocalFFC:
+    ffc = m.ffc
+    if getattr(ffc, "gated", False) or not isinstance(ffc.convg2g, nn.Identity) or ffc.ratio_gin != 0:
+        raise _NotLaMa("an FFC with a global input outside the residual blocks")
+    convs = {}
+    for name, conv, bn, act in (("local", ffc.convl2l, m.bn_l, m.act_l), ("to_global", ffc.convl2g, m.bn_g, m.act_g)):
+        if not isinstance(conv, nn.Conv2d):
+            convs[name] = None
+            continue
+        geometry = _conv_geometry(conv)
+        if reflect_before:
+            if geometry["reflect"] or geometry["padding"] != (0, 0):
+                raise _NotLaMa("a reflection pad before a padded convolution")
+            geometry["reflect"] = reflect_before
+        w, b = fold(conv.weight, _affine(bn), conv.bias)
+        convs[name] = _Conv(_weight(w, dtype, device), _bias(b, dtype, device), relu=_relu_flag(act), **geometry)
+    return _LocalFFC(convs["local"], convs["to_global"])
+
+
+def _build_spectral_ffc(m, dtype, device, fused: bool) -> _SpectralFFC:
+    ffc = m.ffc
+    if getattr(ffc, "gated", False):
+        raise _NotLaMa("gated FFC")
+    parts = (ffc.convl2l, ffc.convg2l, ffc.convl2g)
+    if not all(isinstance(c, nn.Conv2d) for c in parts) or _name(ffc.convg2g) != "SpectralTransform":
+        raise _NotLaMa("a residual FFC without all four branches")
+    geometries = [_conv_geometry(c) for c in parts]
+    if any(g != geometries[0] for g in geometries) or geometries[0]["stride"] != (1, 1):
+        raise _NotLaMa("residual FFC convolutions of different geometry or stride")
+    st = ffc.convg2g
+    if st.stride != 1 or getattr(st, "enable_lfu", False):
+        raise _NotLaMa("a SpectralTransform with downsampling or a local Fourier unit")
+    conv1, bn1, act1 = list(st.conv1)
+    fu = st.fu
+    if (not isinstance(act1, nn.ReLU) or conv1.kernel_size != (1, 1) or conv1.groups != 1
+            or st.conv2.kernel_size != (1, 1) or st.conv2.groups != 1 or fu.conv_layer.groups != 1
+            or getattr(fu, "use_se", False) or getattr(fu, "spectral_pos_encoding", False)
+            or getattr(fu, "spatial_scale_factor", None) is not None or getattr(fu, "ffc3d", False)):
+        raise _NotLaMa("a SpectralTransform variant LaMa's released models do not use")
+    fft_norm = getattr(fu, "fft_norm", "ortho")
+
+    scale_l, shift_l = _affine(m.bn_l)
+    scale_g, shift_g = _affine(m.bn_g)
+    geometry = geometries[0]
+    w_ll, _ = fold(ffc.convl2l.weight, (scale_l, None))
+    local_bias = [c.bias.double() for c in (ffc.convl2l, ffc.convg2l) if c.bias is not None]
+    w_gl, b_gl = fold(ffc.convg2l.weight, (scale_l, shift_l), sum(local_bias) if local_bias else None)
+    # bn_g(convl2g(x_l) + conv2(s)): bn_g's scale into both weights; every bias and bn_g's shift
+    # into convl2g's bias, whose output the SpectralTransform's conv2 is added to in place.
+    w_l2g, b_l2g = fold(ffc.convl2g.weight, (scale_g, shift_g), ffc.convl2g.bias)
+    w2, b2 = fold(st.conv2.weight, (scale_g, None), st.conv2.bias)
+    if b2 is not None:
+        b_l2g = b_l2g + b2
+    w1, b1 = fold(conv1.weight, _affine(bn1), conv1.bias)
+    w_fu, b_fu = fold(fu.conv_layer.weight, _affine(fu.bn), fu.conv_layer.bias)
+    if b_fu is None:
+        b_fu = torch.zeros(w_fu.shape[0], dtype=torch.float64, device=w_fu.device)
+    w1, w_fu, w2 = w1.flatten(1), w_fu.flatten(1), w2.flatten(1)
+    spectral = tuple(t.to(device) for t in (w1, b1, w_fu, b_fu, w2))
+    fused_weights = None
+    if fused:
+        f32 = dict(dtype=torch.float32, device=device)
+        fused_weights = (w1.to(**f32), b1.to(**f32), pack_weight(w_fu.to(**f32)), pack_bias(b_fu.to(**f32)),
+                         w2.to(**f32))
+    return _SpectralFFC(
+        l2l=_Conv(_weight(w_ll, dtype, device), None, **geometry),
+        g2l=_Conv(_weight(w_gl, dtype, device), _bias(b_gl, dtype, device), **geometry),
+        l2g=_Conv(_weight(w_l2g, dtype, device), _bias(b_l2g, dtype, device), **geometry),
+        relu_l=_relu_flag(m.act_l), relu_g=_relu_flag(m.act_g),
+        spectral=spectral, fft_norm=fft_norm, dtype=dtype, fused=fused_weights,
+    )
+
+
+def _looks_like(m, name, *attributes) -> bool:
+    return _name(m) == name and all(hasattr(m, a) for a in attributes)
+
+
+def _build_plan(generator: nn.Module, precision: _Precision, device: torch.device, backend: str) -> _Plan:
+    model = getattr(generator, "model", None)
+    if not isinstance(model, nn.Sequential):
+        raise _NotLaMa("no `model` nn.Sequential")
+    dtype = precision.dtype
+    layers = list(model)
+    steps, activation, reflect, in_channels, out_channels = [], None, 0, None, None
+    i = 0
+    with torch.no_grad():
+        while i < len(layers):
+            m = layers[i]
+            if activation is not None:
+                raise _NotLaMa(f"layer {i} after the output activation")
+            if isinstance(m, nn.ReflectionPad2d):
+                pads = set(m.padding) if isinstance(m.padding, tuple) else {m.padding}
+                if len(pads) != 1 or reflect:
+                    raise _NotLaMa(f"layer {i}: {m}")
+                reflect = pads.pop()
+            elif _looks_like(m, "FFC_BN_ACT", "ffc", "bn_l", "bn_g", "act_l", "act_g"):
+                if in_channels is None:
+                    first = m.ffc.convl2l if isinstance(m.ffc.convl2l, nn.Conv2d) else m.ffc.convl2g
+                    in_channels = first.in_channels
+                steps.append(_build_local_ffc(m, reflect, dtype, device))
+                reflect = 0
+            elif _looks_like(m, "FFCResnetBlock", "conv1", "conv2", "inline"):
+                if m.inline or reflect:
+                    raise _NotLaMa(f"layer {i}: an inline residual block")
+                fused = backend != "torch"
+                steps.append(_ResidualBlock(*(_build_spectral_ffc(c, dtype, device, fused) for c in (m.conv1, m.conv2))))
+            elif _name(m) == "ConcatTupleLayer":
+                steps.append(_Concat())
+            elif isinstance(m, nn.ConvTranspose2d):
+                if reflect or m.groups != 1 or m.padding_mode != "zeros":
+                    raise _NotLaMa(f"layer {i}: {m}")
+                bn = layers[i + 1] if i + 1 < len(layers) else None
+                scale, shift = (None, None)
+                if isinstance(bn, nn.BatchNorm2d):
+                    scale, shift = _affine(bn)
+                    i += 1
+                # ConvTranspose2d's weight is (in, out, kh, kw): the BatchNorm scales dim 1.
+                w = m.weight.double() if scale is None else m.weight.double() * scale.reshape(1, -1, 1, 1)
+                b = m.bias.double() if m.bias is not None else None
+                if scale is not None:
+                    b = shift if b is None else b * scale + shift
+                relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+                i += relu
+                # oneDNN's transposed convolution takes a plain (not channels_last) weight.
+                steps.append(_Single(_Conv(w.to(dtype=dtype, device=device), _bias(b, dtype, device), m.stride,
+                                           m.padding, m.dilation, relu=relu, transposed=True,
+                                           output_padding=m.output_padding)))
+            elif isinstance(m, nn.Conv2d):
+                geometry = _conv_geometry(m)
+                if reflect:
+                    if geometry["reflect"] or geometry["padding"] != (0, 0):
+                        raise _NotLaMa(f"layer {i}: a reflection pad before a padded convolution")
+                    geometry["reflect"] = reflect
+                reflect = 0
+                relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+                i += relu
+                steps.append(_Single(_Conv(_weight(m.weight, dtype, device), _bias(m.bias, dtype, device),
+                                           relu=relu, **geometry)))
+                out_channels = m.out_channels
+            elif isinstance(m, (nn.Sigmoid, nn.Tanh)):
+                activation = "sigmoid" if isinstance(m, nn.Sigmoid) else "tanh"
+            else:
+                raise _NotLaMa(f"layer {i}: {_name(m)}")
+            i += 1
+    if in_channels is None or out_channels is None or reflect:
+        raise _NotLaMa("no stem or no output convolution")
+    return _Plan(steps, activation, precision, backend, device, in_channels, out_channels)
+
+
+# ------------------------------------------------------------------------------ the module
+
+def _signature(generator: nn.Module):
+    """What the plan depends on: every tensor's identity, version and storage, each module's
+    mode and hooks. One walk; it runs on every forward (about 0.1 ms for big-lama)."""
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return None
+    key = []
+    for m in generator.modules():
+        if m.training or m._forward_hooks or m._forward_pre_hooks:
+            return None
+        key.append(m.__dict__.get("eps"))
+        for group in (m._parameters, m._buffers):
+            for t in group.values():
+                if t is not None:
+                    key.append((id(t), 0 if t.is_inference() else t._version, t.data_ptr(), t.dtype))
+    return tuple(key)
+
+
+class _Optimized:
+    """The state ``optimize`` attaches to a generator: settings, the plan, the CUDA graphs."""
+
+    def __init__(self, precision: str, cuda_graphs: bool):
+        self.requested = precision
+        self.cuda_graphs = cuda_graphs
+        self.plan = None
+        self.signature = None
+        self.why_not = None  # why the plan does not run (the generator's own forward does)
+        self.graphs = OrderedDict()
+
+    def plan_for(self, generator, device):
+        signature = _signature(generator)
+        if signature is None:
+            return None
+        if self.plan is not None and signature == self.signature and self.plan.device == device:
+            return self.plan
+        self.graphs.clear()
+        precision = _resolve_precision(self.requested, device)
+        backend = backends.select(device)
+        try:
+            self.plan, self.why_not = _build_plan(generator, precision, device, backend), None
+        except _NotLaMa as exc:
+            self.plan, self.why_not = None, str(exc)
+            backends.warn_once(f"lama_fast.optimize: the whole-generator plan does not apply ({exc}); "
+                               "the generator's own forward runs, with fused FFC modules")
+        self.signature = signature
+        return self.plan
+
+    def run_graphed(self, plan, x):
+        """Replay a CUDA graph of ``plan.run`` for x's shape, capturing it on the second call."""
+        key = (tuple(x.shape), x.dtype)
+        entry = self.graphs.get(key)
+        if entry is None:  # first call at this shape: warm up (Triton compiles, cuDNN picks algorithms)
+            self.graphs[key] = "warm"
+            while len(self.graphs) > _GRAPH_CACHE_SIZE:
+                self.graphs.popitem(last=False)
+            return plan.run(x)
+        if entry == "warm":
+            static_in = x.clone()
+            stream = torch.cuda.Stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                plan.run(static_in)
+            torch.cuda.current_stream(x.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = plan.run(static_in)
+            entry = self.graphs[key] = (graph, static_in, static_out)
+        self.graphs.move_to_end(key)
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+
+def _optimized_forward(self, x):
+    state: _Optimized = self._lama_fast
+    original = type(self).forward
+    if torch.compiler.is_compiling():
+        plan = state.plan
+        if plan is None:
+            return original(self, x)
+        return plan.run(_check_input(plan, x))
+    if self.training or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+        return original(self, x)
+    if not torch.is_tensor(x):
+        raise TypeError(f"the generator takes a tensor, got {type(x).__name__}")
+    plan = state.plan_for(self, x.device)
+    if plan is None:
+        return original(self, x)
+    x = _check_input(plan, x)
+    with _cuda_precision(plan.device, plan.precision.allow_tf32):
+        if (state.cuda_graphs and plan.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()):
+            return state.run_graphed(plan, x)
+        return plan.run(x)
+
+
+def _check_input(plan: _Plan, x):
+    if x.dim() != 4 or x.shape[1] != plan.in_channels:
+        raise ValueError(f"the generator takes N x {plan.in_channels} x H x W (image * (1 - mask), mask), "
+                         f"got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"the generator input must be floating point (float32), got {x.dtype}")
+    if x.device != plan.device:
+        raise ValueError(f"the input is on {x.device} but the generator is on {plan.device}")
+    return x
+
+
+def optimize(generator: nn.Module, *, precision: str = "fp32", cuda_graphs: bool = True) -> nn.Module:
+    """Convert a LaMa generator in place into a fast inference module; returns it.
+
+    ``precision``: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (see the module docstring).
+    ``cuda_graphs``: replay the CUDA forward from a graph captured per input shape.
+    The forward takes and returns float32 whatever the precision; training mode and forwards
+    that need gradients run the generator's own (fused-module) forward.
+    """
+    if not isinstance(generator, nn.Module):
+        raise TypeError(f"optimize expects an nn.Module, got {type(generator).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    ffc_kernels.convert(generator)
+    generator._lama_fast = _Optimized(precision, bool(cuda_graphs))
+    generator.forward = types.MethodType(_optimized_forward, generator)
+    return generator
+
+
+def plan_info(generator: nn.Module) -> dict:
+    """What an optimized generator runs: precision asked and used, backend, or why its plan does not apply."""
+    state = getattr(generator, "_lama_fast", None)
+    if state is None:
+        return {"optimized": False}
+    plan = state.plan
+    return {
+        "optimized": True,
+        "precision": state.requested,
+        "runs": None if plan is None else plan.precision.name,
+        "backend": None if plan is None else plan.backend,
+        "device": None if plan is None else str(plan.device),
+        "why_not": state.why_not,
+    }
+
