@@ -9,7 +9,7 @@ Public API:
 """
 from lama_fast.checkpoints import CheckpointError, load_generator
 from lama_fast.generator import GENERATOR_CONFIGS, build_generator
-from lama_fast.optimize import optimize
+from lama_fast.optimized import optimize
 from lama_fast.pipeline import inpaint
 
 __all__ = ["CheckpointError", "GENERATOR_CONFIGS", "build_generator", "load_generator", "optimize", "inpaint"]

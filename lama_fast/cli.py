@@ -19,7 +19,7 @@ import PIL.ImageOps
 import torch
 
 from lama_fast.checkpoints import CheckpointError, load_generator
-from lama_fast.optimize import optimize
+from lama_fast.optimized import optimize
 from lama_fast.pipeline import inpaint
 
 __all__ = ["main", "pair_images_and_masks"]

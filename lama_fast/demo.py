@@ -24,7 +24,7 @@ import torch.nn as nn
 import ffc_kernels
 from ffc_kernels.reference import FFCResnetBlock
 from lama_fast.generator import build_generator
-from lama_fast.optimize import optimize
+from lama_fast.optimized import optimize
 from lama_fast.pipeline import _inpaint
 
 __all__ = ["demo_generator", "demo_image", "demo_mask", "verify", "VerifyReport", "FP32_TOLERANCE"]
@@ -36,11 +36,14 @@ FP32_TOLERANCE = 1e-3
 # generators keep the residual branches small; with gain 1 the 18 branches would add up.
 _RESIDUAL_BRANCH_GAIN = 0.2
 
+# Standard deviation of the generator's pre-sigmoid output on the demo image.
+_OUTPUT_STD = 1.5
 
-def demo_generator(seed: int = 0, n_blocks: int | None = None) -> nn.Module:
-    """A big-lama reference generator (``n_blocks`` residual blocks, 18 by default) with seeded
-    random weights and BatchNorm statistics, in eval mode on the CPU."""
-    generator = build_generator("big-lama", n_blocks=n_blocks)
+
+def demo_generator(seed: int = 0, n_blocks: int | None = None, name: str = "big-lama") -> nn.Module:
+    """A LaMa reference generator (``name``'s configuration, ``n_blocks`` residual blocks if given)
+    with seeded random weights and BatchNorm statistics, in eval mode on the CPU."""
+    generator = build_generator(name, n_blocks=n_blocks)
     rng = torch.Generator().manual_seed(seed)
 
     def uniform(shape, low, high):
@@ -68,6 +71,7 @@ def demo_generator(seed: int = 0, n_blocks: int | None = None) -> nn.Module:
                 module.weight.copy_(uniform(module.weight.shape, 0.5, 1.5) * gain)
                 module.bias.copy_(uniform(module.bias.shape, -0.2, 0.2) * gain)
     _calibrate_batchnorm(generator)
+    _calibrate_output(generator)
     return generator.eval()
 
 
@@ -91,6 +95,25 @@ def _calibrate_batchnorm(generator: nn.Module, size: int = 128) -> None:
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
         norm.eval()
+
+
+def _calibrate_output(generator: nn.Module, size: int = 128) -> None:
+    """Scale the output convolution so that its pre-sigmoid values have standard deviation
+    ``_OUTPUT_STD`` on the demo image: the output then uses the sigmoid's range, as a trained
+    model's does, and a precision test cannot pass on a near-constant output."""
+    last = [m for m in generator.modules() if isinstance(m, nn.Conv2d)][-1]
+    seen = {}
+    handle = last.register_forward_hook(lambda module, args, out: seen.setdefault("out", out))
+    image = torch.from_numpy(demo_image(size)).permute(2, 0, 1)[None].float() / 255
+    mask = torch.from_numpy(demo_mask(size) > 127)[None, None].float()
+    with torch.no_grad():
+        generator.eval()(torch.cat([image * (1 - mask), mask], dim=1))
+        handle.remove()
+        out = seen["out"]
+        mean, gain = out.mean(), _OUTPUT_STD / out.std()
+        last.weight.mul_(gain)
+        if last.bias is not None:  # keep the mean where it was: gain * (out - bias) + new bias = mean
+            last.bias.mul_(gain).add_((1 - gain) * mean)
 
 
 def demo_image(size: int = 256) -> np.ndarray:

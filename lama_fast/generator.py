@@ -1,4 +1,4 @@
-"""LaMa generators by configuration name (``optimize`` lives in lama_fast.optimize)."""
+"""LaMa generators by configuration name (``optimize`` lives in lama_fast.optimized)."""
 from __future__ import annotations
 
 import torch.nn as nn

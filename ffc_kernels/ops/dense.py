@@ -6,8 +6,8 @@ fused primitives (the ones torch.compile's CPU backend emits) apply them while t
 still in cache:
     conv2d(x, w, b) [+ other] [-> ReLU]       ``torch.ops.mkldnn._convolution_pointwise``
     x @ w.T + b [+ other] [-> ReLU]           ``torch.ops.mkldnn._linear_pointwise``
-Elsewhere (CUDA, or a torch without oneDNN) the same math runs as conv2d / addmm followed by
-in-place add and ReLU (cuDNN and cuBLAS fuse the bias).
+Elsewhere (CUDA, a torch without oneDNN, or under torch.compile) the same math runs as conv2d /
+addmm followed by in-place add and ReLU (cuDNN and cuBLAS fuse the bias).
 
 Reflection padding. LaMa pads with ``reflect`` before most convolutions; a pad is a full copy
 of the activation (about 100 ms for a 64-channel 512x512 fp32 image on two CPU cores, as
@@ -30,21 +30,27 @@ __all__ = ["conv2d", "linear", "reflect_conv2d", "FIXUP_MIN_PIXELS"]
 FIXUP_MIN_PIXELS = 128 * 128
 
 
+@torch.compiler.assume_constant_result
+def _onednn_enabled() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
 def _mkldnn(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+    # Under torch.compile the plain ops are traced (oneDNN's fused ops have no fake kernels, and
+    # the compiler fuses epilogues itself).
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _onednn_enabled()
+            and not torch.compiler.is_compiling())
 
 
 def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), *, relu=False, add=None):
     """relu?(conv2d(x, weight, bias) + add?) with zero padding; ``add`` is a tensor of the output's shape."""
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     if _mkldnn(x):
-        unary = "relu" if relu else "none"
         if add is None:
             return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, 1,
-                                                           unary, [], "")
+                                                           "relu" if relu else "none", [], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(x, add, weight, bias, padding, stride, dilation, 1,
-                                                              "add", 1.0, unary, [], "")
+                                                              "add", 1.0, "relu" if relu else None, [], "")
     y = F.conv2d(x, weight, bias, stride, padding, dilation)
     if add is not None:
         y += add
@@ -72,13 +78,31 @@ def _band(size: int, pad: int, extent: int, stride: int):
     return out, top, bottom
 
 
-def reflect_conv2d(x, weight, bias=None, pad=0, stride=(1, 1), dilation=(1, 1), *, relu=False, add=None):
-    """relu?(conv2d(reflection_pad(x, pad), weight, bias) + add?), exactly, without padding the whole of x."""
+def _pads_whole_plane(x, pad, kernel_extent) -> bool:
+    h, w = x.shape[-2:]
+    return h * w < FIXUP_MIN_PIXELS or min(h, w) <= 4 * pad + kernel_extent
+
+
+def prepad(x, pad, kernel_extent):
+    """``x`` reflect-padded if ``reflect_conv2d`` would pad the whole plane anyway, else None:
+    convolutions that share an input then share one pad."""
+    if pad and _pads_whole_plane(x, pad, kernel_extent):
+        return F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    return None
+
+
+def reflect_conv2d(x, weight, bias=None, pad=0, stride=(1, 1), dilation=(1, 1), *, relu=False, add=None,
+                   padded=None):
+    """relu?(conv2d(reflection_pad(x, pad), weight, bias) + add?), exactly, without padding the whole of x.
+
+    ``padded``: ``prepad(x, pad, ...)`` when the caller already has it.
+    """
     h, w = x.shape[-2:]
     if pad == 0:
         return conv2d(x, weight, bias, stride, (0, 0), dilation, relu=relu, add=add)
-    if h * w < FIXUP_MIN_PIXELS or min(h, w) <= 4 * pad + weight.shape[-1] * max(dilation):
-        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    if padded is None:
+        padded = prepad(x, pad, (weight.shape[-1] - 1) * max(dilation) + 1)
+    if padded is not None:
         return conv2d(padded, weight, bias, stride, (0, 0), dilation, relu=relu, add=add)
     y = conv2d(x, weight, bias, stride, (pad, pad), dilation, relu=relu, add=add)
     (sh, sw), (dh, dw) = stride, dilation

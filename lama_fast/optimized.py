@@ -126,7 +126,11 @@ class _Conv:
     transposed: bool = False
     output_padding: tuple = (0, 0)
 
-    def __call__(self, x, add=None, relu=None):
+    def prepad(self, x):
+        """x padded for this convolution when the whole plane is padded (see dense.prepad), else None."""
+        return dense.prepad(x, self.reflect, (self.weight.shape[-1] - 1) * max(self.dilation) + 1)
+
+    def __call__(self, x, add=None, relu=None, padded=None):
         relu = self.relu if relu is None else relu
         if self.transposed:
             y = F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding,
@@ -134,7 +138,7 @@ class _Conv:
             return y.relu_() if relu else y
         if self.reflect:
             return dense.reflect_conv2d(x, self.weight, self.bias, self.reflect, self.stride, self.dilation,
-                                        relu=relu, add=add)
+                                        relu=relu, add=add, padded=padded)
         return dense.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, relu=relu, add=add)
 
 
@@ -147,7 +151,8 @@ class _LocalFFC:
 
     def __call__(self, state, plan):
         x = state[0] if state[1] is None else torch.cat(state, dim=1)
-        return tuple(None if c is None else c(x) for c in (self.local, self.to_global))
+        padded = (self.local or self.to_global).prepad(x)  # both convolutions have the same geometry
+        return tuple(None if c is None else c(x, padded=padded) for c in (self.local, self.to_global))
 
 
 @dataclasses.dataclass
@@ -167,8 +172,9 @@ class _SpectralFFC:
 
     def __call__(self, state, plan):
         x_l, x_g = state
-        y_l = self.g2l(x_g, add=self.l2l(x_l), relu=self.relu_l)
-        y_g = self.l2g(x_l)
+        padded_l = self.l2l.prepad(x_l)  # l2l and l2g read x_l with the same geometry
+        y_l = self.g2l(x_g, add=self.l2l(x_l, padded=padded_l), relu=self.relu_l)
+        y_g = self.l2g(x_l, padded=padded_l)
         if plan.backend != "torch":
             return y_l, self._fused_global(x_g, y_g, plan)
         h, w = x_g.shape[-2:]

@@ -1,0 +1,80 @@
+"""ffc_kernels.ops.dense: fused convolution/GEMM epilogues and reflect padding by border recomputation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ffc_kernels.ops import dense
+
+CL = torch.channels_last
+
+
+def _reference(x, weight, bias, pad, stride, dilation, relu, add):
+    y = F.conv2d(F.pad(x, (pad,) * 4, mode="reflect") if pad else x, weight, bias, stride, 0, dilation)
+    if add is not None:
+        y = y + add
+    return y.relu() if relu else y
+
+
+# (H, W, kernel, reflect pad, stride, dilation): LaMa's 7x7 stem/output, its stride-2 3x3 downsampling
+# on even and odd sizes, 3x3 blocks, and dilated and 5x5 cases.
+GEOMETRIES = [(40, 37, 7, 3, 1, 1), (40, 38, 3, 1, 2, 1), (41, 39, 3, 1, 2, 1), (33, 35, 3, 1, 1, 1),
+              (30, 31, 3, 2, 1, 2), (29, 30, 5, 2, 2, 1)]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("with_add", [False, True])
+@pytest.mark.parametrize("fixup", [True, False], ids=["fixup", "pad"])
+def test_reflect_conv2d_is_exact(monkeypatch, geometry, relu, with_add, fixup):
+    h, w, k, pad, stride, dilation = geometry
+    monkeypatch.setattr(dense, "FIXUP_MIN_PIXELS", 1 if fixup else 10**9)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, h, w, generator=g).contiguous(memory_format=CL)
+    weight, bias = torch.randn(6, 5, k, k, generator=g), torch.randn(6, generator=g)
+    expected = _reference(x, weight, bias, pad, stride, dilation, relu, None)
+    add = torch.randn(expected.shape, generator=g).contiguous(memory_format=CL) if with_add else None
+    expected = _reference(x, weight, bias, pad, stride, dilation, relu, add)
+    out = dense.reflect_conv2d(x, weight.contiguous(memory_format=CL), bias, pad, (stride, stride),
+                               (dilation, dilation), relu=relu, add=add)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_border_recomputation_is_used_on_large_planes(monkeypatch):
+    calls = []
+    original = dense.conv2d
+    monkeypatch.setattr(dense, "conv2d", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    x = torch.randn(1, 2, 130, 128).contiguous(memory_format=CL)
+    weight = torch.randn(3, 2, 7, 7)
+    out = dense.reflect_conv2d(x, weight, None, 3)
+    torch.testing.assert_close(out, _reference(x, weight, None, 3, 1, 1, False, None), atol=1e-5, rtol=1e-5)
+    # One zero-padded convolution of the whole plane, then four thin strips (no padded copy of x).
+    assert calls[0] == x.shape and len(calls) == 5
+    assert all(min(shape[2:]) <= 12 for shape in calls[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("with_add", [False, True])
+def test_linear_epilogues(dtype, relu, with_add):
+    g = torch.Generator().manual_seed(1)
+    x, weight, bias = torch.randn(37, 24, generator=g), torch.randn(10, 24, generator=g), torch.randn(10, generator=g)
+    add = torch.randn(37, 10, generator=g) if with_add else None
+    expected = x.double() @ weight.double().t() + bias.double() + (0 if add is None else add.double())
+    expected = expected.relu() if relu else expected
+    cast = (lambda t: None if t is None else t.to(dtype))
+    out = dense.linear(cast(x), cast(weight), cast(bias), relu=relu, add=cast(add))
+    assert out.dtype == dtype and out.shape == (37, 10)
+    tol = 1e-4 if dtype == torch.float32 else 0.15  # bf16 operands: 8-bit mantissas, K = 24
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_conv2d_without_onednn_matches(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 9, 9, generator=g).contiguous(memory_format=CL)
+    weight, bias, add = torch.randn(5, 4, 3, 3, generator=g), torch.randn(5, generator=g), torch.randn(1, 5, 9, 9)
+    fused = dense.conv2d(x, weight, bias, padding=(1, 1), relu=True, add=add)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    plain = dense.conv2d(x, weight, bias, padding=(1, 1), relu=True, add=add)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain, (F.conv2d(x, weight, bias, padding=1) + add).relu(), atol=1e-5, rtol=1e-5)
