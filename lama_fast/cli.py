@@ -1,6 +1,7 @@
 """``lama-fast``: inpaint images with a LaMa checkpoint, verify the fused path, find the benchmarks.
 
-    lama-fast inpaint IMAGE MASK -o OUT --checkpoint PATH [--device cpu|cuda] [--reference] [--dtype fp32|bf16]
+    lama-fast inpaint IMAGE MASK -o OUT --checkpoint PATH [--device cpu|cuda] [--reference]
+                      [--precision fp32|tf32|bf16]
     lama-fast verify [--size 256] [--device cpu|cuda] [--blocks N] [--seed 0] [--save DIR]
     lama-fast bench
 
@@ -19,7 +20,7 @@ import PIL.ImageOps
 import torch
 
 from lama_fast.checkpoints import CheckpointError, load_generator
-from lama_fast.optimized import optimize
+from lama_fast.optimized import PRECISIONS, optimize
 from lama_fast.pipeline import inpaint
 
 __all__ = ["main", "pair_images_and_masks"]
@@ -75,7 +76,6 @@ def _one_line(message) -> str:
     return text or type(message).__name__
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -96,9 +96,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", metavar="PATH", help="LaMa best.ckpt, TorchScript big-lama.pt or a state dict")
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     run.add_argument("--reference", action="store_true", help="run the plain PyTorch reference, not the fused kernels")
-    run.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                     help="model precision (default fp32); bf16 needs the fused path, whose FFTs stay fp32 "
-                          "(LaMa's own FourierUnit cannot run in bf16)")
+    run.add_argument("--precision", choices=PRECISIONS, default=None,
+                     help="compute precision of the optimized generator (default fp32): tf32 uses TF32 tensor "
+                          "cores on a GPU (fp32 on the CPU); bf16 runs weights, activations and products in bf16 "
+                          "with fp32 accumulation and fp32 FFTs (LaMa's own FourierUnit cannot run in bf16)")
+    run.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="the same as --precision (older name)")
     run.set_defaults(run=_run_inpaint)
 
     check = commands.add_parser(
@@ -166,13 +168,16 @@ def _run_inpaint(args) -> int:
             raise CLIError(f"output must be a .png file or an existing directory, got {output}")
         jobs, unmatched = [(image, mask, output)], []
 
-    if args.reference and args.dtype != "fp32":
-        raise CLIError(f"--dtype {args.dtype} needs the fused path: LaMa's FourierUnit runs its FFTs in the "
-                       "model's dtype, which torch.fft does not support for bf16; drop --reference")
+    if args.dtype is not None and args.precision not in (None, args.dtype):
+        raise CLIError(f"--dtype {args.dtype} and --precision {args.precision} disagree; give one of them")
+    precision = args.precision or args.dtype or "fp32"
+    if args.reference and precision != "fp32":
+        raise CLIError(f"--precision {precision} needs the optimized generator: the reference runs LaMa's own "
+                       "modules in fp32; drop --reference")
     device = _device(args.device)
     generator = load_generator(str(checkpoint), device=device).eval()
     if not args.reference:
-        generator = optimize(generator).to(DTYPES[args.dtype])
+        generator = optimize(generator, precision=precision)
 
     failed = 0
     progress = _Progress(len(jobs)) if image.is_dir() else None
@@ -305,6 +310,7 @@ def _run_verify(args) -> int:
           f"{args.size}x{args.size} demo image, device {device}, fp32 (TF32 off)")
     report = demo.verify(size=args.size, device=device, n_blocks=args.blocks, seed=args.seed)
     print("  " + report.backend.rstrip().replace("\n", "\n  "))
+    print(f"  optimized generator: {report.plan}")
     ratio = report.reference_seconds / report.fast_seconds if report.fast_seconds > 0 else float("inf")
     print(f"generator output   max |fast - reference| = {report.output_max_abs_diff:.3e}"
           f"  (tolerance {report.tolerance:.0e})")

@@ -24,7 +24,7 @@ import torch.nn as nn
 import ffc_kernels
 from ffc_kernels.reference import FFCResnetBlock
 from lama_fast.generator import build_generator
-from lama_fast.optimized import optimize
+from lama_fast.optimized import optimize, plan_info
 from lama_fast.pipeline import _inpaint
 
 __all__ = ["demo_generator", "demo_image", "demo_mask", "verify", "VerifyReport", "FP32_TOLERANCE"]
@@ -177,6 +177,7 @@ class VerifyReport:
     fast_seconds: float
     tolerance: float = FP32_TOLERANCE
     images: dict | None = None
+    plan: str = ""
 
     @property
     def passed(self) -> bool:
@@ -227,4 +228,11 @@ def verify(size: int = 256, device=None, n_blocks: int | None = None, seed: int 
         reference_seconds=ref_time,
         fast_seconds=fast_time,
         images={"image": image, "mask": mask, "result": fast_image, "result_reference": ref_image},
+        plan=_describe_plan(plan_info(fast)),
     )
+
+
+def _describe_plan(info: dict) -> str:
+    if info.get("runs") is None:
+        return f"fused FFC modules only (whole-generator plan not used: {info.get('why_not')})"
+    return f"whole-generator plan, precision {info['runs']}, spectral ops on {info['backend']}"

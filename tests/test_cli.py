@@ -163,19 +163,31 @@ def test_usage_errors_exit_2(capsys):
     assert main([]) == 2
 
 
-def test_inpaint_bf16_runs_the_fused_path_and_stays_close(checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--precision", "--dtype"])
+def test_inpaint_bf16_runs_the_optimized_generator_and_stays_close(checkpoint, tmp_path, capsys, flag):
     image_path = write_pair(tmp_path, "photo", mask_name="photo_mask.png")
     out = tmp_path / "bf16.png"
     code, _, err = run(capsys, "inpaint", image_path, tmp_path / "photo_mask.png", "-o", out,
-                       "--checkpoint", checkpoint, "--device", "cpu", "--dtype", "bf16")
+                       "--checkpoint", checkpoint, "--device", "cpu", flag, "bf16")
     assert code == 0, err
-    fp32 = lama_fast.inpaint(PIL.Image.open(image_path), PIL.Image.open(tmp_path / "photo_mask.png"),
-                             lama_fast.load_generator(checkpoint))
+    image, mask = PIL.Image.open(image_path), PIL.Image.open(tmp_path / "photo_mask.png")
+    fp32 = lama_fast.inpaint(image, mask, lama_fast.load_generator(checkpoint))
+    bf16 = lama_fast.inpaint(image, mask, lama_fast.optimize(lama_fast.load_generator(checkpoint), precision="bf16"))
     written = np.asarray(PIL.Image.open(out)).astype(int)
+    np.testing.assert_array_equal(written, bf16)  # the CLI runs what the API runs
     # bf16 keeps 8 bits of mantissa: a few 8-bit levels of difference inside the hole, none outside.
-    hole = np.asarray(PIL.Image.open(tmp_path / "photo_mask.png")) > 127
+    hole = np.asarray(mask) > 127
     assert np.abs(written - fp32)[hole].max() <= 12
     np.testing.assert_array_equal(written[~hole], fp32[~hole])
-    code, _, err = run(capsys, "inpaint", image_path, tmp_path / "photo_mask.png", "-o", out,
-                       "--checkpoint", checkpoint, "--device", "cpu", "--dtype", "bf16", "--reference")
-    assert code != 0 and "needs the fused path" in err
+
+
+def test_inpaint_precision_errors(checkpoint, tmp_path, capsys):
+    image_path = write_pair(tmp_path, "photo", mask_name="photo_mask.png")
+    args = ("inpaint", image_path, tmp_path / "photo_mask.png", "-o", tmp_path / "out.png",
+            "--checkpoint", checkpoint, "--device", "cpu")
+    code, _, err = run(capsys, *args, "--precision", "bf16", "--reference")
+    assert code != 0 and "needs the optimized generator" in err
+    assert_one_line_error(err)
+    code, _, err = run(capsys, *args, "--precision", "tf32", "--dtype", "bf16")
+    assert code != 0 and "disagree" in err
+    assert_one_line_error(err)
