@@ -1,32 +1,41 @@
 """End to end: big-lama's generator (51M parameters, 18 FFC residual blocks) on one image.
 
 The generator is lama_fast's seeded random big-lama (``lama_fast.demo.demo_generator``: trained-
-like weight scales and calibrated BatchNorm statistics, so activations stay in range through 18
-blocks), fed LaMa's input (masked RGB + mask) built from the demo image and mask. Providers:
-eager = the reference generator, torch.compile of it, fused = ``lama_fast.optimize`` of a copy
-(``--dtype bf16``: the fused copy in bf16 against the fp32 reference with TF32).
-FLOPs: torch's FlopCounterMode (all convolutions) + the FFTs at 5 N log2 N; bytes: every aten op
-of one forward counted on the meta device (``common.count_model``): each op reads its inputs and
-writes its outputs once, library-internal passes not seen. 4096^2 is not benchmarked by default.
+like weight scales, calibrated BatchNorm statistics, a pre-sigmoid output with standard deviation
+above 1), fed LaMa's input (masked RGB + mask) built from the demo image and mask. Providers:
+eager = LaMa's reference generator, compile = torch.compile of it, fused = ``lama_fast.optimize``
+of a copy at the mode's precision (fp32, tf32, bf16). Every fused output is compared with the
+reference in IEEE fp32: relative error, max |difference|, PSNR (on [0, 1]) and SNR =
+10 log10(var(reference) / MSE), which a near-constant output cannot pass.
 
-    python benchmarks/bench_generator.py [--sizes 512 1024 2048] [--device cuda] [--dtype fp32 bf16]
+On the CPU the run also times a lone 3x3 convolution of LaMa's bottleneck shape (512 -> 512
+channels, 64 x 64, channels_last) in fp32 and bf16: r = its bf16 speedup, the ceiling the
+machine gives bf16 (about 2 on AVX512-BF16, about 10 with AMX); the bf16 target is 1.1 r.
+FLOPs: torch's FlopCounterMode (all convolutions) + the FFTs at 5 N log2 N; bytes: every aten op
+of one forward counted on the meta device (``common.count_model``).
+
+    python benchmarks/bench_generator.py [--sizes 512 1024 2048] [--device cuda] [--modes fp32 bf16]
     python -m pytest benchmarks/bench_generator.py --benchmark-only
 """
 from __future__ import annotations
 
 import copy
 import functools
+import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
 import lama_fast  # noqa: E402
 from lama_fast.demo import demo_generator, demo_image, demo_mask  # noqa: E402
+from lama_fast.optimized import plan_info  # noqa: E402
 
 SIZES = (512, 1024, 2048)
 
@@ -37,51 +46,110 @@ def _generator(seed: int):
 
 
 @functools.lru_cache(maxsize=None)
-def model_counts(size: int, dtype: torch.dtype) -> dict:
-    """FLOPs and aten-level bytes of one forward, eager and fused, counted on the meta device."""
+def model_flops(size: int) -> float:
+    """FLOPs of one forward, counted on the meta device."""
     with torch.device("meta"):
         eager = lama_fast.build_generator("big-lama")
         x = torch.randn(1, 4, size, size)
-    fused = lama_fast.optimize(copy.deepcopy(eager)).to(dtype)
-    e, f = common.count_model(eager, x), common.count_model(fused, x.to(dtype))
-    return {"flops": e["flops"], "eager_bytes": e["bytes"], "fused_bytes": f["bytes"]}
+    return common.count_model(eager, x)["flops"]
 
 
-def lama_input(size: int, device, dtype=torch.float32) -> torch.Tensor:
+def lama_input(size: int, device) -> torch.Tensor:
     image = torch.from_numpy(demo_image(size)).permute(2, 0, 1)[None].float() / 255
     mask = (torch.from_numpy(demo_mask(size)) > 127)[None, None].float()
-    return torch.cat([image * (1 - mask), mask], dim=1).to(device=device, dtype=dtype)
+    return torch.cat([image * (1 - mask), mask], dim=1).to(device=device)
+
+
+def accuracy(out, expected) -> dict:
+    """max |out - expected|, PSNR on [0, 1] and SNR against the reference's variance, in dB."""
+    out, expected = out.double(), expected.double().to(out.device)
+    mse = float(((out - expected) ** 2).mean())
+    var = float(expected.var())
+    return {
+        "max_abs": float((out - expected).abs().max()),
+        "psnr_db": math.inf if mse == 0 else 10 * math.log10(1 / mse),
+        "snr_db": math.inf if mse == 0 else 10 * math.log10(var / mse),
+    }
 
 
 def make_cases(size, mode, device, args):
     reference = copy.deepcopy(_generator(args.seed)).to(device)
-    fast = lama_fast.optimize(copy.deepcopy(reference)).to(dtype=mode.dtype)
-    x, xf = lama_input(size, device), lama_input(size, device, mode.dtype)
-    counts = model_counts(size, mode.dtype)
-    default = common.fused_backend(device)
-    note = None
-    if mode.dtype != torch.float32:
-        note = "reference in fp32 with TF32: LaMa's FourierUnit cannot run in bf16"
+    fast = lama_fast.optimize(copy.deepcopy(reference), precision=mode.name)
+    x = lama_input(size, device)
     checked = []
 
     def fused():
-        out = fast(xf)
-        if not checked:  # once: every FFC module must have taken its fused path
-            slow = [name for name, m in fast.named_modules() if getattr(m, "last_path", None) == "reference"]
-            if slow:
-                raise RuntimeError(f"fused generator ran the reference path in {slow[:4]} ({len(slow)} modules)")
-            checked.append(True)
+        out = fast(x)
+        if not checked:  # once: the whole-generator plan must have run, at the asked precision
+            info = plan_info(fast)
+            if info["runs"] is None:
+                raise RuntimeError(f"the optimized generator did not run its plan: {info['why_not']}")
+            checked.append(info)
         return out
 
+    def fp32_reference():  # IEEE fp32 whatever the mode: the accuracy baseline of every precision
+        with common.precision(common.MODES["fp32"]):
+            return reference(x)
+
+    note = None
+    if mode.name != "fp32":
+        note = "eager and compile run the reference with TF32 (LaMa cannot run bf16); accuracy is against fp32"
     providers = [
-        common.Provider("eager", lambda: reference(x), "torch", counts["eager_bytes"], check=False),
+        common.Provider("eager", lambda: reference(x), "torch", check=False),
         common.compile_provider(reference, x, enabled=args.compile_here),
-        common.Provider("fused", fused, default, counts["fused_bytes"] if default != "torch" else None),
+        common.Provider("fused", fused, common.fused_backend(device)),
     ]
     yield common.Case(
         op="generator", case="big-lama", size=size, shape={"B": 1, "C": 4, "H": size, "W": size},
-        flops=counts["flops"], providers=providers, reference=lambda: reference(x),
-        tolerance=common.TOLERANCE[mode.name], mode=mode, note=note)
+        flops=model_flops(size), providers=providers, reference=fp32_reference,
+        tolerance=common.TOLERANCE[mode.name], mode=mode, note=note, metrics=accuracy)
+
+
+def lone_convolution(device, rounds: int = 5) -> dict:
+    """A 3x3 convolution of the bottleneck's shape in fp32 and bf16 (channels_last): r = bf16 speedup."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 512, 66, 66, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(512, 512, 3, 3, generator=g) * 0.02).to(device).contiguous(memory_format=torch.channels_last)
+    fns = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        xd, wd = x.to(dtype), w.to(dtype)
+        fns[name] = (lambda xd=xd, wd=wd: F.conv2d(xd, wd))
+    with torch.inference_mode(), common.precision(common.MODES["fp32"]):
+        if torch.device(device).type == "cuda":
+            timings = {n: common.time_gpu(f) for n, f in fns.items()}
+        else:
+            timings = common.time_cpu_paired(fns, rounds=rounds)
+    flops = 2 * 512 * 512 * 9 * 64 * 64
+    out = {"shape": "512->512, 3x3, 64x64, channels_last", "flops": flops}
+    for name, t in timings.items():
+        out[f"{name}_ms"] = t.median_ms
+        out[f"{name}_tflops"] = flops / (t.median_ms * 1e-3) / 1e12
+    out["r"] = out["fp32_ms"] / out["bf16_ms"]
+    return out
+
+
+def setup(results, args, device):
+    conv = lone_convolution(device)
+    results.set("lone_conv", conv)
+    print(f"# {common.device_name(device)}: lone 3x3 convolution ({conv['shape']}): fp32 {conv['fp32_ms']:.2f} ms "
+          f"({conv['fp32_tflops']:.3f} TFLOP/s), bf16 {conv['bf16_ms']:.2f} ms ({conv['bf16_tflops']:.3f} TFLOP/s): "
+          f"r = {conv['r']:.2f}", flush=True)
+
+
+def summary(rows, conv) -> str:
+    """The model's ratios next to r: fused vs eager per mode and size, with the accuracy."""
+    eager = {(r["size"], r["mode"]): r["median_ms"] for r in rows if r["provider"] == "eager" and r["median_ms"]}
+    fp32_eager = {size: ms for (size, mode), ms in eager.items() if mode == "fp32"}
+    lines = [f"# r (lone bf16 convolution speedup) = {conv['r']:.2f}; bf16 target min(5, 1.1 r) = "
+             f"{min(5, 1.1 * conv['r']):.2f}x"]
+    for r in rows:
+        if r["provider"] != "fused" or not r["median_ms"]:
+            continue
+        base = fp32_eager.get(r["size"]) or eager.get((r["size"], r["mode"]))
+        lines.append(f"# {r['size']}² {r['mode']}: optimized {r['median_ms']:.0f} ms, {base / r['median_ms']:.2f}x "
+                     f"LaMa's eager fp32; max |Δ| {r['max_abs']:.2e}, PSNR {r['psnr_db']:.1f} dB, "
+                     f"SNR {r['snr_db']:.1f} dB")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------- pytest
@@ -92,6 +160,22 @@ def test_generator(benchmark, provider, bench_device, bench_compile):
     common.pytest_case(case, provider, benchmark, bench_device, rounds=1)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
     parser = common.script_parser(__doc__, sizes=SIZES)
-    sys.exit(common.run_script(parser, make_cases))
+    holder = {}
+
+    def run_setup(results, args, device):
+        setup(results, args, device)
+        holder["results"] = results
+
+    start = time.perf_counter()
+    code = common.run_script(parser, make_cases, argv, setup=run_setup)
+    results = holder.get("results")
+    if results is not None:
+        print(summary(results.data["rows"], results.data["lone_conv"]))
+        print(f"# {time.perf_counter() - start:.0f} s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -521,6 +521,7 @@ class Case:
     mode: Mode
     note: str | None = None  # how the reference ran, where not in ``mode`` itself
     spectral_dot: str | None = None  # the fused spectral mix's dot precision, where the case sets it
+    metrics: Callable[[Any, Any], dict] | None = None  # extra accuracy columns: (output, expected) -> row fields
     _expected: Any = dataclasses.field(default=None, repr=False)
 
     def expected(self):
@@ -758,6 +759,8 @@ def run_case(case: Case, device, results: Results | None, *, rounds: int = 5, bu
                 if p.check:
                     row["rel_err"] = rel_error(out, expected)
                     row["check"] = "ok" if row["rel_err"] <= case.tolerance else "FAIL"
+                    if case.metrics is not None:
+                        row.update(case.metrics(out, expected))
                 del out
                 row["peak_mem_mb"] = peak_memory_mb(p.fn, device)
                 live.append(p)
@@ -843,8 +846,11 @@ def script_parser(description: str, sizes=INPUT_SIZES) -> argparse.ArgumentParse
     return parser
 
 
-def run_script(parser: argparse.ArgumentParser, make_cases: Callable, argv=None) -> int:
-    """Parse args, run every (mode, size) case from ``make_cases(size, mode, device, args)``, print, save."""
+def run_script(parser: argparse.ArgumentParser, make_cases: Callable, argv=None, setup: Callable | None = None) -> int:
+    """Parse args, run every (mode, size) case from ``make_cases(size, mode, device, args)``, print, save.
+
+    ``setup(results, args, device)``, if given, runs once before the cases (measurements the
+    whole run shares, stored with ``results.set``)."""
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -858,6 +864,8 @@ def run_script(parser: argparse.ArgumentParser, make_cases: Callable, argv=None)
     results = Results(device, path=args.results_file, out_dir=args.out)
     budget = Budget(args.budget_s)
     print(f"# {device_name(device)} | torch {torch.__version__} | results: {results.path}", flush=True)
+    if setup is not None:
+        setup(results, args, device)
     all_rows = []
     failed = False
     modes = [MODES[m] for m in args.modes] if args.modes else modes_from_args(args.dtype, args.tf32)
