@@ -125,6 +125,7 @@ class _Conv:
     relu: bool = False
     transposed: bool = False
     output_padding: tuple = (0, 0)
+    s2d: tuple | None = None  # dense.space_to_depth_weight(weight, bias), for few output channels
 
     def prepad(self, x):
         """x padded for this convolution when the whole plane is padded (see dense.prepad), else None."""
@@ -138,7 +139,7 @@ class _Conv:
             return y.relu_() if relu else y
         if self.reflect:
             return dense.reflect_conv2d(x, self.weight, self.bias, self.reflect, self.stride, self.dilation,
-                                        relu=relu, add=add, padded=padded)
+                                        relu=relu, add=add, padded=padded, s2d=self.s2d)
         return dense.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, relu=relu, add=add)
 
 
@@ -429,8 +430,10 @@ def _build_plan(generator: nn.Module, precision: _Precision, device: torch.devic
                 reflect = 0
                 relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
                 i += relu
-                steps.append(_Single(_Conv(_weight(m.weight, dtype, device), _bias(m.bias, dtype, device),
-                                           relu=relu, **geometry)))
+                weight, bias = _weight(m.weight, dtype, device), _bias(m.bias, dtype, device)
+                # LaMa's output convolution (3 channels) runs faster on 2x2 pixel blocks.
+                s2d = dense.space_to_depth_weight(weight, bias) if m.out_channels <= 4 else None
+                steps.append(_Single(_Conv(weight, bias, relu=relu, s2d=s2d, **geometry)))
                 out_channels = m.out_channels
             elif isinstance(m, (nn.Sigmoid, nn.Tanh)):
                 activation = "sigmoid" if isinstance(m, nn.Sigmoid) else "tanh"

@@ -78,3 +78,31 @@ def test_conv2d_without_onednn_matches(monkeypatch):
     plain = dense.conv2d(x, weight, bias, padding=(1, 1), relu=True, add=add)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(plain, (F.conv2d(x, weight, bias, padding=1) + add).relu(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 20, 24), (1, 64, 16, 18), (1, 3, 22, 22)], ids=str)
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+@pytest.mark.parametrize("relu", [False, True])
+def test_space_to_depth_convolution_is_the_convolution(monkeypatch, shape, kernel, relu):
+    """Few output channels on 2x2 blocks: the same "same" convolution, then reflect borders fixed."""
+    monkeypatch.setattr(dense, "FIXUP_MIN_PIXELS", 1)
+    g = torch.Generator().manual_seed(kernel)
+    x = torch.randn(shape, generator=g).contiguous(memory_format=CL)
+    weight, bias = torch.randn(3, shape[1], kernel, kernel, generator=g), torch.randn(3, generator=g)
+    s2d = dense.space_to_depth_weight(weight, bias)
+    assert s2d[0].shape == (12, 4 * shape[1], 4, 4) and s2d[1].shape == (12,)
+    pad = kernel // 2
+    expected = _reference(x.double(), weight.double(), bias.double(), pad, 1, 1, relu, None)
+    out = dense.reflect_conv2d(x, weight, bias, pad, s2d=s2d, relu=relu)
+    assert out.is_contiguous(memory_format=CL)
+    plain = _reference(x, weight, bias, pad, 1, 1, relu, None)
+    assert (out.double() - expected).abs().max() <= 4 * (plain.double() - expected).abs().max() + 1e-5
+
+
+def test_space_to_depth_declines_what_it_cannot_do():
+    assert dense.space_to_depth_weight(torch.randn(3, 4, 4, 4)) is None  # even kernel
+    assert dense.space_to_depth_weight(torch.randn(3, 4, 9, 9)) is None  # wider than 7
+    x = torch.randn(1, 4, 21, 20).contiguous(memory_format=CL)  # odd height: the plain convolution runs
+    weight = torch.randn(3, 4, 7, 7)
+    out = dense.reflect_conv2d(x, weight, None, 3, s2d=dense.space_to_depth_weight(weight))
+    torch.testing.assert_close(out, _reference(x, weight, None, 3, 1, 1, False, None), atol=1e-4, rtol=1e-4)

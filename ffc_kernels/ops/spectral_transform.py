@@ -7,13 +7,14 @@ In channels_last (NHWC) every 1x1 convolution is a plain GEMM over pixels, and t
 an NHWC tensor viewed as real numbers is already LaMa's stacked order (channel 2c = Re(c),
 2c+1 = Im(c)), so the FourierUnit's convolution is one GEMM with LaMa's own (2Co, 2Ci) weight:
 no stack, no permute, no complex(). Here:
-    t = relu(x @ W1' + b1')                       one GEMM (BN folded), ReLU in its epilogue
+    t = relu(x @ W1' + b1')                       one 1x1 convolution (BN folded), ReLU in its epilogue
     s = rfft2(t) over (H, W), unnormalised        pocketfft / cuFFT, fp32
     m = relu(s @ (a c W_fu') + c b_fu')           one GEMM on the interleaved spectrum
     t += irfft2(m), normalised by "forward"       ortho scales folded into the GEMM (see fourier_unit)
-    out = relu(residual + t @ W2')                one GEMM with the sum and ReLU in its epilogue
+    out = relu(residual + t @ W2')                one 1x1 convolution, the sum and ReLU in its epilogue
 ``residual`` is convl2g(x_l) with its bias, conv2's bias and bn_g's shift folded into it by
-the caller. The GEMMs are ``dense.linear``: oneDNN's fused primitives on the CPU. The reference math is
+the caller. The 1x1 convolutions and the GEMM are ``dense``'s: oneDNN's fused primitives on the
+CPU (in channels_last a 1x1 convolution is the same GEMM, and oneDNN runs it faster as one). The reference math is
 ``ffc_kernels.reference.SpectralTransform`` followed by the FFC_BN_ACT epilogue.
 
 Layout: ``x`` (N, Ci, H, W) and ``residual`` (N, Co, H, W), both contiguous channels_last
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ffc_kernels.ops._common import check_shape, check_tensor
-from ffc_kernels.ops.dense import linear
+from ffc_kernels.ops.dense import conv2d, linear
 from ffc_kernels.ops.fourier_unit import _FORWARD_SCALE, _INVERSE_SCALE
 
 __all__ = ["spectral_transform_nhwc", "spectral_gemm_weights"]
@@ -42,11 +43,13 @@ def spectral_gemm_weights(w1, b1, w_fu, b_fu, w2, *, fft_norm, height, width, dt
     """The operands of ``spectral_transform_nhwc`` from folded weights, for an H x W input.
 
     ``w1`` (C1, Ci), ``b1`` (C1,), ``w_fu`` (2 C1, 2 C1), ``b_fu`` (2 C1,), ``w2`` (Co, C1), as
-    (out, in) matrices (float64 preferably). The FourierUnit's FFT normalisation is folded into
-    the mix (see ``fourier_unit``), which is why the operands depend on the spatial size.
+    (out, in) matrices (float64 preferably); conv1 and conv2 come back as channels_last 1x1
+    convolution weights. The FourierUnit's FFT normalisation is folded into the mix (see
+    ``fourier_unit``), which is why the operands depend on the spatial size.
     """
     a, c = _FORWARD_SCALE[fft_norm](height * width), _INVERSE_SCALE[fft_norm](height * width)
-    return tuple(t.to(dtype).contiguous() for t in (w1, b1, w_fu * (a * c), b_fu * c, w2))
+    as_conv = lambda w: w[:, :, None, None].to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    return as_conv(w1), b1.to(dtype), (w_fu * (a * c)).to(dtype).contiguous(), (b_fu * c).to(dtype), as_conv(w2)
 
 
 def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2, *, relu=True):
@@ -61,11 +64,10 @@ def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2, *, relu=True):
     for name, t in (("x", x), ("residual", residual)):
         if not t.is_contiguous(memory_format=torch.channels_last):
             raise ValueError(f"{name} must be contiguous channels_last, got strides {t.stride()}")
-    check_shape("w1", w1, (c1, ci))
+    check_shape("w1", w1, (c1, ci, 1, 1))
     check_shape("w_fu", w_fu, (2 * c1, 2 * c1))
-    x2d = x.permute(0, 2, 3, 1).reshape(-1, ci)  # views: channels_last is NHWC in memory
-    t = linear(x2d, w1, b1, relu=True)
-    t4 = t.view(n, h, w, c1)
+    t = conv2d(x, w1, b1, relu=True)  # (n, c1, h, w) channels_last
+    t4 = t.permute(0, 2, 3, 1)  # NHWC view
     spec = torch.fft.rfft2(t4.float(), dim=(1, 2), norm="backward")  # (n, h, w//2+1, c1) complex64
     # Channel 2c = Re(c), 2c+1 = Im(c): LaMa's order. torch's CPU FFT returns the spectrum
     # channels-first whatever its input's layout, so this reshape transposes it (a copy of
@@ -74,5 +76,4 @@ def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2, *, relu=True):
     m = linear(s.to(w_fu.dtype), w_fu, b_fu, relu=True)
     mixed = torch.view_as_complex(m.float().view(n, h, w // 2 + 1, c1, 2))
     t4 += torch.fft.irfft2(mixed, s=(h, w), dim=(1, 2), norm="forward")
-    y = linear(t, w2, None, relu=relu, add=residual.permute(0, 2, 3, 1).reshape(-1, co))
-    return y.view(n, h, w, co).permute(0, 3, 1, 2)
+    return conv2d(t, w2, None, relu=relu, add=residual)
