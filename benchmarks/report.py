@@ -124,6 +124,10 @@ def file_markdown(entry: dict) -> str:
             cells[(r["case"], r["mode"], r["size"])][r["provider"]] = r
         head = ["case", "input", "mode"] + [f"{p} ms" for p in providers]
         head += ["fused vs eager", "fused vs compile", "fused GB/s", "fused TFLOP/s", "peak MB eager / fused"]
+        accuracy = any(r.get("psnr_db") is not None for r in op_rows)
+        if accuracy:
+            head += ["fused vs eager fp32", "max abs err", "PSNR dB", "SNR dB"]
+        eager_fp32 = {r["size"]: r for r in op_rows if r["provider"] == "eager" and r["mode"] == "fp32"}
         lines += ["", f"**{OP_TITLE.get(op, op)}**", "", "| " + " | ".join(head) + " |",
                   "|" + "|".join("---" for _ in head) + "|"]
         order = sorted(cells, key=lambda k: (k[0], MODE_ORDER.index(k[1]) if k[1] in MODE_ORDER else 9, k[2]))
@@ -140,11 +144,24 @@ def file_markdown(entry: dict) -> str:
             row = [key[0], size, MODE_TEXT.get(key[1], key[1])] + [_ms(c.get(p)) for p in providers]
             row += [_ratio(eager, fused), _ratio(comp, fused), _num(fused and fused.get("gbps"), ".0f"),
                     _num(fused and fused.get("tflops"), ".2f" if env.get("device_type") == "cpu" else ".1f"), peak]
+            if accuracy:
+                f = fused or {}
+                row += [_ratio(eager_fp32.get(key[2]), fused), _num(f.get("max_abs"), ".1e"),
+                        _num(f.get("psnr_db"), ".1f"), _num(f.get("snr_db"), ".1f")]
             lines.append("| " + " | ".join(row) + " |")
+        conv = data.get("lone_conv")
+        if op == "generator" and conv:
+            lines += ["", f"A lone 3x3 convolution of the bottleneck's shape ({conv['shape']}) on this machine: "
+                          f"fp32 {conv['fp32_ms']:.3g} ms ({conv['fp32_tflops']:.2f} TFLOP/s), bf16 "
+                          f"{conv['bf16_ms']:.3g} ms ({conv['bf16_tflops']:.2f} TFLOP/s): r = {conv['r']:.2f}, "
+                          f"so the bf16 target min(5, 1.1 r) is {min(5, 1.1 * conv['r']):.2f}x LaMa's eager fp32."]
     lines += ["", "Times are medians over the timed runs, ± half the p20-p80 spread; `-`: not run (see the "
               "JSON's `skipped`). The input column gives the LaMa input size and, in brackets, the FFC "
               "bottleneck it implies. GB/s counts the bytes the fused kernels must move "
-              "(benchmarks/common.py); it is left blank where the fused op ran on its torch fallback."]
+              "(benchmarks/common.py); it is left blank where the fused op ran on its torch fallback. "
+              "Generator rows: fused = `lama_fast.optimize(generator, precision=mode)`; its accuracy "
+              "columns compare it with the reference in IEEE fp32 (PSNR on [0, 1]; SNR = 10 log10 of the "
+              "reference's variance over the mean squared error)."]
     lines += [f"Note: {n}." for n in notes]
     return "\n".join(lines)
 

@@ -67,13 +67,13 @@ def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2, *, relu=True):
     check_shape("w1", w1, (c1, ci, 1, 1))
     check_shape("w_fu", w_fu, (2 * c1, 2 * c1))
     t = conv2d(x, w1, b1, relu=True)  # (n, c1, h, w) channels_last
-    t4 = t.permute(0, 2, 3, 1)  # NHWC view
-    spec = torch.fft.rfft2(t4.float(), dim=(1, 2), norm="backward")  # (n, h, w//2+1, c1) complex64
-    # Channel 2c = Re(c), 2c+1 = Im(c): LaMa's order. torch's CPU FFT returns the spectrum
-    # channels-first whatever its input's layout, so this reshape transposes it (a copy of
-    # C1 x N complex values, small next to the convolutions).
-    s = torch.view_as_real(spec).reshape(-1, 2 * c1)
+    # The FFTs run in fp32 on a channels-first copy: torch's CPU FFT transposes NHWC data itself,
+    # more slowly, and returns the spectrum channels-first either way.
+    spec = torch.fft.rfft2(t.to(torch.float32, memory_format=torch.contiguous_format), norm="backward")
+    # Channel 2c = Re(c), 2c+1 = Im(c) per spectral point: LaMa's stacked order, one transposing
+    # copy of C1 x N complex values (small next to the convolutions).
+    s = torch.view_as_real(spec).permute(0, 2, 3, 1, 4).reshape(-1, 2 * c1)
     m = linear(s.to(w_fu.dtype), w_fu, b_fu, relu=True)
     mixed = torch.view_as_complex(m.float().view(n, h, w // 2 + 1, c1, 2))
-    t4 += torch.fft.irfft2(mixed, s=(h, w), dim=(1, 2), norm="forward")
+    t.permute(0, 2, 3, 1).add_(torch.fft.irfft2(mixed, s=(h, w), dim=(1, 2), norm="forward"))
     return conv2d(t, w2, None, relu=relu, add=residual)
