@@ -24,8 +24,9 @@ tensor cores on CUDA, fp32 on the CPU; ``"bf16"``: bf16 weights, activations and
 operands with fp32 accumulation, FFTs in fp32. Without bf16 support (a CPU without AVX512-BF16 /
 AMX, a GPU before sm_80) bf16 says so once and runs fp32.
 
-Folded weights are rebuilt when a parameter or buffer changes (``load_state_dict``, ``.to()``,
-optimizer steps: each changes a tensor's version or storage); training mode, a forward that
+Folded weights are rebuilt when a parameter, buffer, module or module setting changes
+(``load_state_dict``, ``.to()``, optimizer steps, a swapped layer); writes through ``p.data`` leave
+no trace, so call ``refold(generator)`` after those. Training mode, a forward that
 needs gradients, forward hooks on any submodule, or a generator whose layout is not LaMa's run
 the generator's own forward (its FFC modules converted to the fused twins).
 
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import types
 from collections import OrderedDict
 
 import torch
@@ -53,11 +53,12 @@ from ffc_kernels.ops.pointwise_conv import pointwise_conv
 from ffc_kernels.ops.spectral_mix import pack_bias, pack_weight
 from ffc_kernels.ops.spectral_transform import spectral_gemm_weights, spectral_transform_nhwc
 
-__all__ = ["optimize", "PRECISIONS", "plan_info"]
+__all__ = ["optimize", "PRECISIONS", "plan_info", "refold"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 _CL = torch.channels_last
 _GRAPH_CACHE_SIZE = 2  # input shapes whose CUDA graphs are kept (each holds its activations)
+_SIZES_KEPT = 4  # input sizes whose size-dependent spectral weights are kept
 
 
 # ------------------------------------------------------------------------------ precision
@@ -96,18 +97,64 @@ def _resolve_precision(name: str, device: torch.device) -> _Precision:
     return _Precision("fp32", torch.float32, "tf32x3", False)
 
 
+class _Switch:
+    """One of torch's process-wide fp32 precision switches, read and written through the API the
+    process already uses: torch raises when its legacy flags are read after its per-backend
+    ``fp32_precision`` API was used, and the legacy matmul flag cannot say "medium"."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        try:
+            if kind == "matmul":
+                self.legacy = torch.get_float32_matmul_precision()
+            else:
+                self.legacy = torch.backends.cudnn.allow_tf32
+        except RuntimeError:  # the process uses fp32_precision
+            self.legacy = None
+        self.target = torch.backends.cuda.matmul if kind == "matmul" else torch.backends.cudnn.conv
+
+    def get(self):
+        if self.legacy is not None:
+            return torch.get_float32_matmul_precision() if self.kind == "matmul" else torch.backends.cudnn.allow_tf32
+        return self.target.fp32_precision
+
+    def set(self, value) -> None:
+        if self.legacy is None:
+            self.target.fp32_precision = value
+        elif self.kind == "matmul":
+            torch.set_float32_matmul_precision(value)
+        else:
+            torch.backends.cudnn.allow_tf32 = value
+
+    def value(self, allow_tf32: bool):
+        if self.legacy is None:
+            return "tf32" if allow_tf32 else "ieee"
+        if self.kind == "matmul":
+            return "high" if allow_tf32 else "highest"
+        return allow_tf32
+
+
+def _fp32_switches() -> list[_Switch]:
+    """cuDNN's convolutions and cuBLAS's matmuls."""
+    return [_Switch("conv"), _Switch("matmul")]
+
+
 @contextlib.contextmanager
 def _cuda_precision(device: torch.device, allow_tf32: bool):
-    """cuDNN's and cuBLAS's TF32 switches as the plan needs them, restored afterwards."""
+    """cuDNN's and cuBLAS's fp32 precision as the plan needs them, for the duration of a CUDA
+    forward (they are process-wide switches, the only control torch gives), restored afterwards."""
     if device.type != "cuda" or torch.compiler.is_compiling():
         yield
         return
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    switches = _fp32_switches()
+    saved = [switch.get() for switch in switches]
     try:
+        for switch in switches:
+            switch.set(switch.value(allow_tf32))
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for switch, value in zip(switches, saved):
+            switch.set(value)
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -169,7 +216,7 @@ class _SpectralFFC:
     fft_norm: str
     dtype: torch.dtype
     fused: tuple | None  # (w1, b1, packed fu weight, packed fu bias, w2) fp32, for the fused ops
-    gemm: dict = dataclasses.field(default_factory=dict)  # (H, W) -> spectral_transform_nhwc operands
+    gemm: OrderedDict = dataclasses.field(default_factory=OrderedDict)  # (H, W) -> operands, a few sizes
 
     def __call__(self, state, plan):
         x_l, x_g = state
@@ -180,9 +227,11 @@ class _SpectralFFC:
             return y_l, self._fused_global(x_g, y_g, plan)
         h, w = x_g.shape[-2:]
         operands = self.gemm.get((h, w))
-        if operands is None:
+        if operands is None:  # the FFT normalisation folded into the mix depends on the size
             operands = self.gemm[(h, w)] = spectral_gemm_weights(
                 *self.spectral, fft_norm=self.fft_norm, height=h, width=w, dtype=self.dtype)
+            while len(self.gemm) > _SIZES_KEPT:
+                self.gemm.popitem(last=False)
         return y_l, spectral_transform_nhwc(x_g, y_g, *operands, relu=self.relu_g)
 
     def _fused_global(self, x_g, y_g, plan):
@@ -291,7 +340,7 @@ def _weight(w, dtype, device):
 
 
 def _bias(b, dtype, device):
-    return None if b is None else b.to(dtype=dtype, device=device)
+    return None if b is None else b.detach().to(dtype=dtype, device=device, copy=True)
 
 
 def _build_local_ffc(m, reflect_before: int, dtype, device) -> _LocalFFC:
@@ -344,11 +393,13 @@ def _build_spectral_ffc(m, dtype, device, fused: bool) -> _SpectralFFC:
     # bn_g(convl2g(x_l) + conv2(s)): bn_g's scale into both weights; every bias and bn_g's shift
     # into convl2g's bias, whose output the SpectralTransform's conv2 is added to in place.
     w_l2g, b_l2g = fold(ffc.convl2g.weight, (scale_g, shift_g), ffc.convl2g.bias)
-    w2, b2 = fold(st.conv2.weight, (scale_g, None), st.conv2.bias)
-    if b2 is not None:
-        b_l2g = b_l2g + b2
+    w2, _ = fold(st.conv2.weight, (scale_g, None))
+    if st.conv2.bias is not None:  # inside bn_g: scaled, no shift
+        b2 = st.conv2.bias.double() * (scale_g if scale_g is not None else 1.0)
+        b_l2g = b2 if b_l2g is None else b_l2g + b2
     w1, b1 = fold(conv1.weight, _affine(bn1), conv1.bias)
     w_fu, b_fu = fold(fu.conv_layer.weight, _affine(fu.bn), fu.conv_layer.bias)
+    b1 = torch.zeros(w1.shape[0], dtype=torch.float64, device=w1.device) if b1 is None else b1
     if b_fu is None:
         b_fu = torch.zeros(w_fu.shape[0], dtype=torch.float64, device=w_fu.device)
     w1, w_fu, w2 = w1.flatten(1), w_fu.flatten(1), w2.flatten(1)
@@ -448,22 +499,35 @@ def _build_plan(generator: nn.Module, precision: _Precision, device: torch.devic
 # ------------------------------------------------------------------------------ the module
 
 def _signature(generator: nn.Module):
-    """What the plan depends on: every tensor's identity, version and storage, each module's
-    mode and hooks. One walk; it runs on every forward (about 0.1 ms for big-lama)."""
+    """What the plan depends on, as (tensors, key), or None when the plan must not run: every
+    module's type and settings (mode, BatchNorm eps, FFT norm), every parameter and buffer with
+    its version and storage. One walk; it runs on every forward (about 0.1 ms for big-lama).
+
+    Forward hooks on submodules (profilers, feature taps) need the modules to run: None."""
     from torch.nn.modules import module as module_globals
 
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        backends.warn_once("lama_fast.optimize: global module forward hooks are registered; the generator's "
+                           "own forward runs while they are, so every hook fires")
         return None
-    key = []
+    tensors, key = [], []
     for m in generator.modules():
-        if m.training or m._forward_hooks or m._forward_pre_hooks:
+        if m.training:
+            backends.warn_once(f"lama_fast.optimize: a submodule ({type(m).__name__}) is in training mode inside an "
+                               "eval generator; the generator's own forward runs (call .eval() on the generator)")
             return None
-        key.append(m.__dict__.get("eps"))
+        if m is not generator and (m._forward_hooks or m._forward_pre_hooks):
+            backends.warn_once("lama_fast.optimize: a submodule has forward hooks; the generator's own forward "
+                               "runs while it does, so the hooks fire")
+            return None
+        d = m.__dict__  # __dict__ lookups: a missing attribute costs nn.Module.__getattr__ an exception
+        key.append((type(m), d.get("eps"), d.get("fft_norm"), d.get("padding_mode"), d.get("enable_lfu")))
         for group in (m._parameters, m._buffers):
             for t in group.values():
                 if t is not None:
-                    key.append((id(t), 0 if t.is_inference() else t._version, t.data_ptr(), t.dtype))
-    return tuple(key)
+                    tensors.append(t)
+                    key.append((0 if t.is_inference() else t._version, t.data_ptr(), t.dtype, t.device))
+    return tensors, tuple(key)
 
 
 class _Optimized:
@@ -477,23 +541,38 @@ class _Optimized:
         self.why_not = None  # why the plan does not run (the generator's own forward does)
         self.graphs = OrderedDict()
 
-    def plan_for(self, generator, device):
+    def plan_for(self, generator):
+        """The plan for the generator as it is now (built or rebuilt when it changed), or None."""
         signature = _signature(generator)
         if signature is None:
             return None
-        if self.plan is not None and signature == self.signature and self.plan.device == device:
-            return self.plan
-        self.graphs.clear()
+        tensors, key = signature
+        if (self.signature is not None and key == self.signature[1] and len(tensors) == len(self.signature[0])
+                and all(a is b for a, b in zip(tensors, self.signature[0]))):
+            return self.plan  # None when the layout is not LaMa's: not retried until something changes
+        self.clear()
+        device = next((t.device for t in tensors), torch.device("cpu"))
         precision = _resolve_precision(self.requested, device)
         backend = backends.select(device)
         try:
             self.plan, self.why_not = _build_plan(generator, precision, device, backend), None
         except _NotLaMa as exc:
-            self.plan, self.why_not = None, str(exc)
+            self.why_not = str(exc)
             backends.warn_once(f"lama_fast.optimize: the whole-generator plan does not apply ({exc}); "
                                "the generator's own forward runs, with fused FFC modules")
         self.signature = signature
         return self.plan
+
+    def clear(self):
+        """Forget the plan and the CUDA graphs: the next forward folds the weights again."""
+        self.plan, self.signature, self.why_not = None, None, None
+        self.graphs.clear()
+
+    def __getstate__(self):  # copies and pickles keep the settings and fold again when first run
+        return {"requested": self.requested, "cuda_graphs": self.cuda_graphs}
+
+    def __setstate__(self, state):
+        self.__init__(state["requested"], state["cuda_graphs"])
 
     def run_graphed(self, plan, x):
         """Replay a CUDA graph of ``plan.run`` for x's shape, capturing it on the second call."""
@@ -512,7 +591,7 @@ class _Optimized:
                 plan.run(static_in)
             torch.cuda.current_stream(x.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.device(x.device), torch.cuda.graph(graph):  # captures on the current device
                 static_out = plan.run(static_in)
             entry = self.graphs[key] = (graph, static_in, static_out)
         self.graphs.move_to_end(key)
@@ -520,6 +599,17 @@ class _Optimized:
         static_in.copy_(x)
         graph.replay()
         return static_out.clone()
+
+
+class _Forward:
+    """The forward ``optimize`` installs on a generator (an attribute of the instance, so the
+    generator keeps its class; picklable, unlike a bound function)."""
+
+    def __init__(self, generator: nn.Module):
+        self.generator = generator
+
+    def __call__(self, x):
+        return _optimized_forward(self.generator, x)
 
 
 def _optimized_forward(self, x):
@@ -534,7 +624,7 @@ def _optimized_forward(self, x):
         return original(self, x)
     if not torch.is_tensor(x):
         raise TypeError(f"the generator takes a tensor, got {type(x).__name__}")
-    plan = state.plan_for(self, x.device)
+    plan = state.plan_for(self)
     if plan is None:
         return original(self, x)
     x = _check_input(plan, x)
@@ -569,8 +659,24 @@ def optimize(generator: nn.Module, *, precision: str = "fp32", cuda_graphs: bool
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     ffc_kernels.convert(generator)
     generator._lama_fast = _Optimized(precision, bool(cuda_graphs))
-    generator.forward = types.MethodType(_optimized_forward, generator)
+    generator.forward = _Forward(generator)
+    if not getattr(generator, "_lama_fast_hooked", False):
+        # load_state_dict under torch.inference_mode leaves no version trace on inference tensors.
+        generator.register_load_state_dict_post_hook(_refold_after_load)
+        generator._lama_fast_hooked = True
     return generator
+
+
+def _refold_after_load(module, incompatible_keys):
+    refold(module)
+
+
+def refold(generator: nn.Module) -> None:
+    """Fold an optimized generator's weights again at its next forward. Needed only after writes
+    the plan cannot see: through ``p.data`` (no version bump) or to inference tensors."""
+    state = getattr(generator, "_lama_fast", None)
+    if state is not None:
+        state.clear()
 
 
 def plan_info(generator: nn.Module) -> dict:

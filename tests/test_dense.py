@@ -40,6 +40,15 @@ def test_reflect_conv2d_is_exact(monkeypatch, geometry, relu, with_add, fixup):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pad", [2, 3])
+def test_padding_wider_than_the_kernel_pads_the_plane(monkeypatch, pad):
+    monkeypatch.setattr(dense, "FIXUP_MIN_PIXELS", 1)
+    x = torch.randn(1, 2, 40, 44).contiguous(memory_format=CL)
+    weight = torch.randn(3, 2, 3, 3)
+    out = dense.reflect_conv2d(x, weight, None, pad)
+    torch.testing.assert_close(out, _reference(x, weight, None, pad, 1, 1, False, None), atol=1e-5, rtol=1e-5)
+
+
 def test_border_recomputation_is_used_on_large_planes(monkeypatch):
     calls = []
     original = dense.conv2d

@@ -210,9 +210,9 @@ class _CopyCounter(TorchDispatchMode):
 
 
 def test_copies_are_counted_and_small(big_lama):
-    """What the plan copies: one concatenation before the decoder, one transpose of each
-    FourierUnit's spectrum (torch's FFT returns it channels-first), the reflect pads of the
-    low-resolution layers, and thin border strips of the full-resolution ones; nothing else."""
+    """What the plan copies: one concatenation before the decoder, each FourierUnit's input to
+    channels-first and its spectrum back (torch's CPU FFT works channels-first), the reflect pads
+    of the low-resolution layers, and thin border strips of the full-resolution ones; nothing else."""
     h = w = 256
     x = _input(1, h, w)
     fast = _optimized(big_lama)
@@ -226,9 +226,11 @@ def test_copies_are_counted_and_small(big_lama):
         by_name.setdefault(name, []).append(shape)
     n_ffc = 36
     hb, wb = h // 8, w // 8
-    assert sorted(by_name) == ["cat", "copy_", "pad", "reshape"], by_name.keys()
+    assert sorted(by_name) == ["cat", "copy_", "pad", "reshape", "to"], by_name.keys()
     assert by_name["cat"] == [(1, 512, hb, wb)]
-    assert by_name["reshape"] == [(hb * (wb // 2 + 1), 192 * 2)] * n_ffc  # the spectrum transposes
+    # Per FourierUnit: its input channels-first for the FFT, its spectrum back to channels-last.
+    assert by_name["to"] == [(1, 192, hb, wb)] * n_ffc
+    assert by_name["reshape"] == [(hb * (wb // 2 + 1), 192 * 2)] * n_ffc
     # Whole-plane pads only below dense.FIXUP_MIN_PIXELS: the last downsampling input (64 x 64,
     # 256 channels) and, per residual FFC, x_l once (for l2l and l2g) and x_g once.
     assert h * w // 16 < dense.FIXUP_MIN_PIXELS <= h * w // 4
@@ -265,6 +267,8 @@ def test_forward_contract_and_errors(big_lama):
             fast((x * 255).to(torch.uint8))
         with pytest.raises(TypeError, match="takes a tensor"):
             fast(x.numpy())
+        with pytest.raises(ValueError, match="the input is on meta but the generator is on cpu"):
+            fast(x.to("meta"))
     with pytest.raises(ValueError, match="precision must be one of fp32, tf32, bf16"):
         optimize(copy.deepcopy(big_lama), precision="fp16")
     with pytest.raises(TypeError, match="nn.Module"):
@@ -286,6 +290,7 @@ def test_training_and_gradients_run_the_generators_own_math():
         torch.testing.assert_close(fast(x), generator(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:lama_fast.optimize. a submodule has forward hooks")
 def test_hooks_see_every_module(big_lama):
     fast = _optimized(big_lama)
     seen = []
@@ -371,6 +376,130 @@ def test_triton_path_under_the_interpreter(monkeypatch):
         plain = generator(x)
     err, plain_err = (out.double() - exact).abs().max().item(), (plain.double() - exact).abs().max().item()
     assert err <= 4 * plain_err + 1e-6, (err, plain_err)
+
+
+def test_a_hook_on_the_generator_itself_keeps_the_plan(big_lama):
+    fast = _optimized(big_lama)
+    outputs = []
+    fast.register_forward_hook(lambda m, i, o: outputs.append(o))
+    with torch.inference_mode():
+        out = fast(_input(1, 32, 32))
+    assert plan_info(fast)["runs"] == "fp32" and outputs[0] is out
+
+
+def test_biases_and_identity_norms_fold_like_the_reference():
+    """Layouts LaMa's code allows beyond the released configs: conv2 with a bias, convolution
+    biases everywhere, bn_g an Identity."""
+    generator = demo_generator(seed=14, n_blocks=2)
+    torch.manual_seed(14)
+    for block in (generator.model[5], generator.model[6]):
+        for layer in (block.conv1, block.conv2):
+            ffc = layer.ffc
+            st = ffc.convg2g
+            old = st.conv2
+            st.conv2 = nn.Conv2d(old.in_channels, old.out_channels, 1, bias=True).eval()
+            with torch.no_grad():
+                st.conv2.weight.copy_(old.weight)
+                st.conv2.bias.uniform_(-0.2, 0.2)
+    generator.model[6].conv2.bn_g = nn.Identity().eval()
+    x = _input(1, 40, 40)
+    fast = _optimized(generator)
+    with torch.inference_mode():
+        assert (fast(x) - generator(x)).abs().max().item() <= FP32_TOLERANCE
+    assert plan_info(fast)["runs"] == "fp32"
+
+
+def test_changes_without_a_new_tensor_version_are_seen():
+    generator = demo_generator(seed=15, n_blocks=1)
+    fast = _optimized(generator)
+    x = _input(1, 32, 32)
+    with torch.inference_mode():
+        fast(x)
+        fast.model[-1] = generator.model[-1] = nn.Tanh().eval()  # a module swapped for another
+        assert (fast(x) - generator(x)).abs().max().item() <= FP32_TOLERANCE
+        for g in (fast, generator):  # a setting changed
+            g.model[5].conv1.ffc.convg2g.fu.fft_norm = "forward"
+        assert (fast(x) - generator(x)).abs().max().item() <= FP32_TOLERANCE
+    with torch.no_grad():  # writes through .data bump no version: refold() says so
+        for g in (fast, generator):
+            g.model[1].ffc.convl2l.weight.data.mul_(1.5)
+    optimize_module.refold(fast)
+    with torch.inference_mode():
+        assert (fast(x) - generator(x)).abs().max().item() <= FP32_TOLERANCE
+
+
+def test_load_state_dict_of_inference_tensors_refolds():
+    with torch.inference_mode():  # inference tensors have no version counter
+        a, b = demo_generator(seed=16, n_blocks=1), demo_generator(seed=17, n_blocks=1)
+        fast = optimize(copy.deepcopy(a))
+        x = _input(1, 32, 32)
+        fast(x)
+        fast.load_state_dict(b.state_dict())
+        assert (fast(x) - b(x)).abs().max().item() <= FP32_TOLERANCE
+
+
+def test_unknown_layout_is_not_refolded_on_every_forward(monkeypatch):
+    generator = demo_generator(seed=18, n_blocks=1)
+    generator.model.insert(7, nn.Identity().eval())
+    fast = _optimized(generator)
+    builds = []
+    original = optimize_module._build_plan
+    monkeypatch.setattr(optimize_module, "_build_plan", lambda *a: builds.append(1) or original(*a))
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            fast(_input(1, 32, 32))
+    assert len(builds) == 1
+
+
+def test_pickle_round_trip(tmp_path, big_lama):
+    fast = _optimized(big_lama)
+    x = _input(1, 32, 32)
+    with torch.inference_mode():
+        out = fast(x)
+    torch.save(fast, tmp_path / "g.pt")
+    loaded = torch.load(tmp_path / "g.pt", weights_only=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), out, atol=0, rtol=0)
+    assert plan_info(loaded)["runs"] == "fp32"
+
+
+@pytest.mark.parametrize("set_with", ["default", "legacy", "matmul_precision", "fp32_precision"])
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_cuda_precision_switches_are_restored(set_with, allow_tf32):
+    """The switches the plan sets around a CUDA forward (exercised without a GPU: they are plain
+    process flags) come back as they were, read through the API that set them, without torch's
+    error for mixed legacy and new APIs."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = torch.get_float32_matmul_precision(), conv.allow_tf32
+    legacy = set_with != "fp32_precision"
+    try:
+        if set_with == "legacy":
+            conv.allow_tf32, matmul.allow_tf32 = False, True
+        elif set_with == "matmul_precision":
+            torch.set_float32_matmul_precision("medium")  # the legacy matmul flag cannot say this
+        elif set_with == "fp32_precision":
+            matmul.fp32_precision, conv.conv.fp32_precision = "tf32", "ieee"
+
+        def state():
+            if legacy:
+                return torch.get_float32_matmul_precision(), conv.allow_tf32
+            return matmul.fp32_precision, conv.conv.fp32_precision
+
+        before = state()
+        with optimize_module._cuda_precision(torch.device("cuda"), allow_tf32):
+            inside = state()
+        assert state() == before
+        if legacy:
+            assert inside == (("high", True) if allow_tf32 else ("highest", False))
+        else:
+            assert inside == (("tf32", "tf32") if allow_tf32 else ("ieee", "ieee"))
+    finally:
+        if not legacy:
+            matmul.fp32_precision, conv.conv.fp32_precision = "none", "none"
+        torch.set_float32_matmul_precision(saved[0])
+        conv.allow_tf32 = saved[1]
+        assert torch.get_float32_matmul_precision() == saved[0]  # the next tests see the default again
 
 
 # ------------------------------------------------------------------------------------ CUDA

@@ -86,7 +86,8 @@ def _band(size: int, pad: int, extent: int, stride: int):
 
 def _pads_whole_plane(x, pad, kernel_extent) -> bool:
     h, w = x.shape[-2:]
-    return h * w < FIXUP_MIN_PIXELS or min(h, w) <= 4 * pad + kernel_extent
+    # Border recomputation needs the padding to be at most the kernel's half-width (LaMa's is).
+    return h * w < FIXUP_MIN_PIXELS or min(h, w) <= 4 * pad + kernel_extent or 2 * pad > kernel_extent - 1
 
 
 def prepad(x, pad, kernel_extent):
