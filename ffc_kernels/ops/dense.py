@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conv2d", "linear", "reflect_conv2d", "space_to_depth_weight", "FIXUP_MIN_PIXELS"]
+__all__ = ["conv2d", "linear", "reflect_conv2d", "reflect_pad_cat", "space_to_depth_weight", "FIXUP_MIN_PIXELS"]
 
 # Planes at least this large use zero padding plus border recomputation instead of a pad pass.
 FIXUP_MIN_PIXELS = 128 * 128
@@ -74,6 +74,28 @@ def linear(x, weight, bias=None, *, relu=False, add=None):
     else:
         y = F.linear(x, weight, bias)
     return y.relu_() if relu else y
+
+
+def reflect_pad_cat(tensors, pad: int):
+    """reflection_pad(cat(tensors, dim=1), pad) in one pass: each tensor is copied once into the
+    interior of a channels_last buffer, then the borders are filled from it."""
+    n, _, h, w = tensors[0].shape
+    channels = sum(t.shape[1] for t in tensors)
+    if pad >= h or pad >= w:
+        raise ValueError(f"reflection padding {pad} needs planes larger than {pad}, got {h}x{w}")
+    out = torch.empty(n, channels, h + 2 * pad, w + 2 * pad, dtype=tensors[0].dtype, device=tensors[0].device,
+                      memory_format=torch.channels_last)
+    start = 0
+    for t in tensors:
+        out[:, start:start + t.shape[1], pad:pad + h, pad:pad + w] = t
+        start += t.shape[1]
+    for i in range(pad):  # rows, then whole columns (the corners with them)
+        out[:, :, pad - 1 - i, pad:pad + w] = out[:, :, pad + 1 + i, pad:pad + w]
+        out[:, :, pad + h + i, pad:pad + w] = out[:, :, pad + h - 2 - i, pad:pad + w]
+    for i in range(pad):
+        out[:, :, :, pad - 1 - i] = out[:, :, :, pad + 1 + i]
+        out[:, :, :, pad + w + i] = out[:, :, :, pad + w - 2 - i]
+    return out
 
 
 def _band(size: int, pad: int, extent: int, stride: int):

@@ -1,0 +1,102 @@
+"""3x3 stride-1 convolutions by Winograd's minimal filtering F(4x4, 3x3), in fp32 on the CPU.
+
+What it buys. The residual blocks' 3x3 convolutions (l2l + g2l over [x_l | x_g], and l2g over
+x_l) are 72% of an optimized big-lama forward on the CPU, and oneDNN runs them near the
+machine's fp32 peak; the only way to make them cheaper is fewer multiplications. F(4x4, 3x3)
+(Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) computes each 4x4 output
+tile from a 6x6 input tile with 36 multiplications per (input, output) channel pair instead of
+144: the convolution becomes 36 independent GEMMs (tiles x Ci) @ (Ci x Co), 4x fewer FLOPs than
+direct convolution, plus input and output transforms that are cheap matrix products.
+
+Layout: the padded input ``x`` (N, C, H + 2, W + 2), channels_last; several convolutions that
+read leading channel ranges of the same input (the FFC's local rows read all of [x_l | x_g],
+convl2g reads x_l) share one input transform. Outputs (N, Co, H, W) channels_last.
+Steps, per call:
+    V = B^T d B for every 6x6 tile d (stride 4): one batched matmul over tiles, tile-major
+    M_k = V_k @ U_k for the 36 positions k, U = G g G^T the transformed weights (precomputed)
+    Y = A^T M A: one matmul, scattered into the output's 4x4 tiles; bias and ReLU after.
+Sizes that are not multiples of 4 compute on a zero-extended input and are cropped.
+
+Accuracy. The transforms' coefficients (up to 5 and 1/24) cost a few bits: on LaMa's shapes the
+result differs from the exact one by about 10x the error of direct fp32 convolution (relative
+1e-5), which end to end stays within big-lama's fp32 tolerance (1e-4 on the output; measured
+about 3e-5). Only fp32 uses it: in bf16 the GEMM outputs are rounded to bf16 before the output
+transform, whose coefficients (up to 64 in 2-d) amplify that rounding (big-lama fell to 39 dB PSNR;
+F(2x2, 3x3) kept 43 dB but ran slower than oneDNN's direct bf16 convolution).
+
+Bytes and FLOPs (C in, Co out, P output pixels, T = P/16 tiles): direct 18 C Co P FLOPs;
+here 72 C Co T = 4.5 C Co P FLOPs in the GEMMs, plus the input transform (read ~2.25 CP via the
+tiles, write 2.25 CP) and the output transform (2.25 Co P read, Co P written).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["winograd_weight", "winograd_conv2d", "TILE"]
+
+TILE = 4  # output tile side: F(4x4, 3x3)
+_A = TILE + 2  # input tile side
+
+# Lavin & Gray's F(4, 3) matrices (interpolation points 0, 1, -1, 2, -2, infinity).
+_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+       (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+      (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+
+_transforms: dict = {}
+
+
+def _matrices(device):
+    """(kron(B^T, B^T) 36x36, kron(A^T, A^T) 16x36) in fp32 on ``device``, cached."""
+    if device not in _transforms:
+        bt, at = torch.tensor(_BT, dtype=torch.float64), torch.tensor(_AT, dtype=torch.float64)
+        _transforms[device] = (torch.kron(bt, bt).float().to(device), torch.kron(at, at).float().to(device))
+    return _transforms[device]
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(Co, Ci, 3, 3) weight -> U = G g G^T as (36, Ci, Co) fp32, computed in fp64."""
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"winograd_weight takes a (Co, Ci, 3, 3) weight, got {tuple(weight.shape)}")
+    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ik,ockl,jl->ijco", g, weight.double(), g)  # (6, 6, Ci, Co)
+    return u.reshape(_A * _A, weight.shape[1], weight.shape[0]).float().contiguous()
+
+
+def winograd_conv2d(padded: torch.Tensor, convs, *, relu=None) -> list[torch.Tensor]:
+    """3x3 stride-1 convolutions of the already padded ``padded`` (no further padding).
+
+    ``convs``: (U from ``winograd_weight``, input channels used (a prefix), bias or None) per
+    convolution; ``relu``: a bool per convolution (default none). Returns their outputs.
+    """
+    if padded.dtype != torch.float32:
+        raise ValueError(f"winograd_conv2d runs fp32 (its transforms cost bits bf16 does not have), got {padded.dtype}")
+    n, c, hp, wp = padded.shape
+    h, w = hp - 2, wp - 2
+    ty, tx = -(-h // TILE), -(-w // TILE)
+    if (h, w) != (ty * TILE, tx * TILE):  # zero-extend to whole tiles; the extra outputs are cropped
+        padded = F.pad(padded, (0, tx * TILE - w, 0, ty * TILE - h))
+    if not padded.is_contiguous(memory_format=torch.channels_last):
+        padded = padded.contiguous(memory_format=torch.channels_last)
+    sn, sc, sh, sw = padded.stride()
+    kin, kout = _matrices(padded.device)
+    # Tile-major: the gather and the input transform are one batched (36 x 36) @ (36 x C) product.
+    tiles = padded.as_strided((n, ty, tx, _A, _A, c), (sn, TILE * sh, TILE * sw, sh, sw, sc))
+    v = torch.matmul(kin, tiles.reshape(n * ty * tx, _A * _A, c)).transpose(0, 1)  # (36, T, C) view
+    relu = relu or [False] * len(convs)
+    outs = []
+    for (u, ci, bias), act in zip(convs, relu):
+        co = u.shape[2]
+        m = torch.bmm(v[:, :, :ci], u)  # (36, T, Co)
+        y = (kout @ m.view(_A * _A, -1)).view(TILE, TILE, n, ty, tx, co)
+        out = torch.empty(n, co, ty * TILE, tx * TILE, dtype=padded.dtype, device=padded.device,
+                          memory_format=torch.channels_last)
+        out.permute(0, 2, 3, 1).view(n, ty, TILE, tx, TILE, co).permute(2, 4, 0, 1, 3, 5).copy_(y)
+        if (ty * TILE, tx * TILE) != (h, w):
+            out = out[:, :, :h, :w].contiguous(memory_format=torch.channels_last)
+        if bias is not None:
+            out += bias.view(1, -1, 1, 1)
+        outs.append(out.relu_() if act else out)
+    return outs

@@ -1,0 +1,38 @@
+"""ffc_kernels.ops.winograd: 3x3 convolutions by F(4x4, 3x3), against fp64 direct convolution."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ffc_kernels.ops.winograd import winograd_conv2d, winograd_weight
+
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("shape", [(1, 24, 16, 16), (2, 20, 13, 18), (1, 8, 7, 5), (3, 16, 4, 9)], ids=str)
+def test_matches_direct_convolution(shape):
+    """Two convolutions sharing one input transform (the FFC's local rows over every channel,
+    convl2g over the first ones), odd sizes (cropped tiles), batch > 1, bias and ReLU."""
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(c + h)
+    padded = F.pad(torch.randn(shape, generator=g), (1, 1, 1, 1), mode="reflect").contiguous(memory_format=CL)
+    w_all, w_head = torch.randn(5, c, 3, 3, generator=g) / c ** 0.5, torch.randn(7, c // 2, 3, 3, generator=g)
+    b_all, b_head = torch.randn(5, generator=g), torch.randn(7, generator=g)
+    outs = winograd_conv2d(padded, [(winograd_weight(w_all), c, b_all), (winograd_weight(w_head), c // 2, b_head)],
+                           relu=[True, False])
+    for out, weight, bias, ci, relu in ((outs[0], w_all, b_all, c, True), (outs[1], w_head, b_head, c // 2, False)):
+        exact = F.conv2d(padded[:, :ci].double(), weight.double(), bias.double())
+        plain = F.conv2d(padded[:, :ci], weight, bias)
+        if relu:
+            exact, plain = exact.relu(), plain.relu()
+        assert out.shape == (n, weight.shape[0], h, w) and out.is_contiguous(memory_format=CL)
+        err, plain_err = (out.double() - exact).abs().max().item(), (plain.double() - exact).abs().max().item()
+        # F(4x4, 3x3) loses a few bits in its transforms: within 32x direct fp32's error.
+        assert err <= 32 * plain_err + 1e-6 * exact.abs().max().item(), (err, plain_err)
+
+
+def test_rejects_what_it_does_not_do():
+    with pytest.raises(ValueError, match=r"\(Co, Ci, 3, 3\)"):
+        winograd_weight(torch.randn(4, 4, 5, 5))
+    u = winograd_weight(torch.randn(4, 4, 3, 3))
+    with pytest.raises(ValueError, match="runs fp32"):
+        winograd_conv2d(torch.randn(1, 4, 10, 10, dtype=torch.bfloat16), [(u, 4, None)])
