@@ -25,8 +25,9 @@ fp32. Returns the output, a new channels_last tensor.
 Bytes (fp32, C = Ci, Co = 2C, C/2 FourierUnit channels, P pixels, N ~ P/2 spectral points):
     eager (LaMa): conv1, BN, ReLU (4CP + 2 x 4CP) + FourierUnit (~48CP) + sum (6CP) + conv2
                   (6CP) + add, BN, ReLU on 2C channels (24CP)              ~ 96CP
-    here: conv1 (4CP + 2CP) + rfft2 (2CP + 4CN) + mix (8CN) + irfft2 (4CN + 2CP) + add (6CP)
-          + conv2 into the residual (2CP + 8CP + 8CP)                      ~ 38CP
+    here: conv1 (4CP + 2CP) + channels-first copy (4CP) + rfft2 (2CP + 4CN) + spectrum transpose
+          (8CN) + mix (8CN) + irfft2 (4CN + 2CP) + add (6CP) + channels-last copy (4CP)
+          + conv2 into the residual (2CP + 8CP + 8CP)                      ~ 50CP
 """
 from __future__ import annotations
 
@@ -67,13 +68,15 @@ def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2, *, relu=True):
     check_shape("w1", w1, (c1, ci, 1, 1))
     check_shape("w_fu", w_fu, (2 * c1, 2 * c1))
     t = conv2d(x, w1, b1, relu=True)  # (n, c1, h, w) channels_last
-    # The FFTs run in fp32 on a channels-first copy: torch's CPU FFT transposes NHWC data itself,
-    # more slowly, and returns the spectrum channels-first either way.
-    spec = torch.fft.rfft2(t.to(torch.float32, memory_format=torch.contiguous_format), norm="backward")
+    # The FourierUnit works on an fp32 channels-first copy: torch's CPU FFT transposes NHWC data
+    # itself, more slowly, and returns channels-first results either way; the sum t + fu(t) is
+    # taken there too, then turned back into channels_last for conv2 (one copy each way).
+    t = t.to(torch.float32, memory_format=torch.contiguous_format)
+    spec = torch.fft.rfft2(t, norm="backward")
     # Channel 2c = Re(c), 2c+1 = Im(c) per spectral point: LaMa's stacked order, one transposing
     # copy of C1 x N complex values (small next to the convolutions).
     s = torch.view_as_real(spec).permute(0, 2, 3, 1, 4).reshape(-1, 2 * c1)
     m = linear(s.to(w_fu.dtype), w_fu, b_fu, relu=True)
-    mixed = torch.view_as_complex(m.float().view(n, h, w // 2 + 1, c1, 2))
-    t.permute(0, 2, 3, 1).add_(torch.fft.irfft2(mixed, s=(h, w), dim=(1, 2), norm="forward"))
-    return conv2d(t, w2, None, relu=relu, add=residual)
+    mixed = torch.view_as_complex(m.float().view(n, h, w // 2 + 1, c1, 2)).permute(0, 3, 1, 2)
+    t += torch.fft.irfft2(mixed, s=(h, w), norm="forward")
+    return conv2d(t.to(x.dtype, memory_format=torch.channels_last), w2, None, relu=relu, add=residual)
