@@ -10,11 +10,16 @@ Inside, one plan runs the whole network:
 - activations are channels_last: oneDNN's and cuDNN's fast layout, and the one in which the
   SpectralTransform's 1x1 convolutions and its FourierUnit's mix are plain GEMMs;
 - the residual blocks keep the local and global halves as two contiguous tensors (a channel
-  slice of one channels_last buffer is strided, and oneDNN copies strided inputs); the merged
-  exchange ``convl2l(x_l) + convg2l(x_g)`` runs as two convolutions summed in place, and
-  ``convl2g(x_l)`` (with conv2's bias and bn_g's shift in its bias) becomes the global output
-  when the SpectralTransform adds its conv2 into it (``ffc_kernels.ops.spectral_transform``);
-  on CUDA with Triton the global branch runs the fused ops (``pointwise_conv``, ``fourier_unit``);
+  slice of one channels_last buffer is strided, and oneDNN copies strided inputs). The exchange
+  ``convl2l(x_l) + convg2l(x_g)`` and ``convl2g(x_l)`` are, in fp32 on the CPU, two Winograd
+  F(4x4, 3x3) convolutions sharing one input transform of [x_l | x_g] padded in one pass
+  (``ops.winograd``: 4x fewer multiplications than oneDNN's direct convolution, which already runs
+  near the CPU's fp32 peak), elsewhere oneDNN/cuDNN convolutions with the sum and ReLU fused.
+  ``convl2g(x_l)``, with conv2's bias and bn_g's shift in its bias, is added to the
+  SpectralTransform's conv2 in that convolution's epilogue (``ops.spectral_transform``); on CUDA
+  with Triton the global branch runs the fused ops (``pointwise_conv``, ``fourier_unit``);
+- no reflection-pad pass at full resolution: the padding is recomputed from thin border strips
+  (``dense.reflect_conv2d``), and LaMa's 3-channel output convolution runs on 2x2 pixel blocks;
 - the residual adds are in place.
 
 Precision is the module's own setting, never read from or written to torch's global flags
