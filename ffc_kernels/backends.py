@@ -127,8 +127,26 @@ def backend_info(device: str | torch.device | None = None) -> BackendInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     reasons = {name: _unavailable(name, device) for name in BACKENDS}
-    try:
-        selected = select(device, has_cuda_impl=True)
-    except RuntimeError as exc:
-        selected = f"none ({exc})"
+    missing = _missing_cuda_device(device)
+    if missing:
+        # select() only ever sees tensors that exist; with no such device nothing runs there at all.
+        reasons = {name: reason or missing for name, reason in reasons.items()}
+        selected = f"none ({missing})"
+    else:
+        try:
+            selected = select(device, has_cuda_impl=True)
+        except RuntimeError as exc:
+            selected = f"none ({exc})"
     return BackendInfo(str(device), selected, forced_backend(), reasons, matmul_precision())
+
+
+def _missing_cuda_device(device: torch.device) -> str | None:
+    """Why torch cannot place tensors on the CUDA ``device``, or None (also for non-CUDA devices)."""
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        return f"torch sees {count} CUDA device{'s' if count > 1 else ''}, so there is no {device}"
+    return None

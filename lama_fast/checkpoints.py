@@ -63,8 +63,10 @@ def load_generator(path: str | os.PathLike, device: str | torch.device | None = 
     ``path`` is a Lightning ``best.ckpt``, a TorchScript ``big-lama.pt`` or a plain generator
     state dict; the number of residual blocks is read from the keys. Raises ``CheckpointError``
     with the reason when the file is missing, is not a checkpoint, holds no generator, or holds
-    one whose keys or shapes differ from LaMa's.
+    one whose keys or shapes differ from LaMa's, and ``ValueError`` when ``device`` is not one
+    torch can use here (``"cuda"`` without a CUDA device).
     """
+    device = _usable_device(device)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"no such file: {path}")
@@ -76,7 +78,25 @@ def load_generator(path: str | os.PathLike, device: str | torch.device | None = 
     generator = build_generator("big-lama", n_blocks=n_blocks)
     _check_keys_and_shapes(generator.state_dict(), state_dict, path, prefix, n_blocks)
     generator.load_state_dict(state_dict, strict=True)
-    return generator.eval().to(torch.device("cpu") if device is None else device)
+    return generator.eval().to(device)
+
+
+def _usable_device(device) -> torch.device:
+    """``device`` as a torch.device, or a ValueError saying why torch cannot put weights there.
+
+    Checked before the file is read, so a missing GPU is reported as such rather than as a driver
+    traceback from ``.to()`` after a long load.
+    """
+    if device is None:
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but torch sees no CUDA device; use device='cpu'")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {device} requested but torch sees {count} CUDA device(s)")
+    return device
 
 
 def _read(path):

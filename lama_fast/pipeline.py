@@ -5,7 +5,10 @@ It follows LaMa's ``bin/predict.py`` and ``DefaultInpaintingTrainingModule.forwa
 - the image is RGB float32 in [0, 1] (8-bit input is divided by 255);
 - the mask is binarised: ``> 127`` for uint8 masks (8-bit files), ``> 0`` for everything else
   (LaMa's predict.py thresholds 8-bit masks at ``> 0``, so it also inpaints faint anti-aliased
-  edges; pass ``mask > 0`` to get exactly that);
+  edges; pass ``mask > 0`` to get exactly that). A colour mask is set where any colour channel
+  passes the threshold (a red stroke on black is a mask; as grey it would be 76, under 127); an
+  alpha channel is not a colour and is ignored. A mask that sets no pixel inpaints nothing: a
+  ``UserWarning`` says so and the image comes back unchanged, without running the generator;
 - image and mask are padded at the bottom and right to a multiple of ``pad_modulo`` with numpy's
   ``symmetric`` mode, which repeats the edge pixel (torch's ``reflect`` would not);
 - the generator sees ``cat([image * (1 - mask), mask], dim=1)``: RGB first, mask last, NCHW;
@@ -27,6 +30,8 @@ __all__ = ["inpaint", "pad_to_modulo"]
 
 # PIL modes whose samples do not fit 8 bits: ``convert("RGB")`` / ``convert("L")`` would clip them.
 _WIDE_PIL_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# Mask channel counts: grey, RGB, RGBA.
+_MASK_CHANNELS = (1, 3, 4)
 
 
 def pad_to_modulo(array: np.ndarray, modulo: int) -> np.ndarray:
@@ -47,8 +52,11 @@ def inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8) -> np.n
 
     ``image``: numpy HxWx3 (uint8, or float in [0, 1]), a PIL image (converted to RGB), or a torch
     tensor 3xHxW / 1x3xHxW (uint8, or float in [0, 1]).
-    ``mask``: numpy HxW / HxWx1, a PIL image (converted to 'L'), or a torch tensor HxW / 1xHxW /
-    1x1xHxW. uint8 masks are set where ``> 127``; bool, float and other integer masks where ``> 0``.
+    ``mask``: numpy HxW / HxWx1 / HxWx3 / HxWx4, a PIL image of any 8-bit mode, or a torch tensor
+    HxW / CxHxW / 1xCxHxW with C = 1, 3 or 4. uint8 masks are set where ``> 127``; bool, float and
+    other integer masks where ``> 0``. With colour channels a pixel is set where any of R, G, B is;
+    a fourth (alpha) channel is ignored. A mask that sets no pixel gives a ``UserWarning`` and the
+    image unchanged (as uint8), without calling the generator.
     ``device``: where the generator input is placed; by default the device of the generator's
     parameters (CPU for a generator without any).
     """
@@ -56,8 +64,9 @@ def inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8) -> np.n
     return result
 
 
-def _inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8) -> tuple[np.ndarray, torch.Tensor]:
-    """``inpaint``, also returning the raw (padded) generator output for comparisons."""
+def _inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8) -> tuple[np.ndarray, torch.Tensor | None]:
+    """``inpaint``, also returning the raw (padded) generator output for comparisons (None when the
+    mask sets no pixel and the generator is not run)."""
     if isinstance(pad_modulo, bool) or not isinstance(pad_modulo, int) or pad_modulo < 1:
         raise ValueError(f"pad_modulo must be a positive integer, got {pad_modulo!r}")
     if not callable(generator):
@@ -75,6 +84,16 @@ def _inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8) -> tup
             "call generator.eval() first",
             stacklevel=3,
         )
+    if not mask_b.any():
+        warnings.warn(
+            "the mask sets no pixel, so there is nothing to inpaint and the image is returned unchanged "
+            "(8-bit masks are set where a channel is > 127, other masks where it is > 0)",
+            UserWarning,
+            stacklevel=3,
+        )
+        if original is not None:
+            return original.copy(), None
+        return np.clip(image_f * 255, 0, 255).astype(np.uint8), None
 
     device, dtype = _placement(generator, device)
     height, width = mask_b.shape
@@ -178,36 +197,45 @@ def _mask_to_array(mask) -> np.ndarray:
             raise ValueError(
                 f"PIL mask mode {mask.mode!r} (16/32-bit samples) is not supported; convert it to 8-bit 'L' first"
             )
-        array = np.asarray(mask.convert("L"))
+        # Grey stays one channel; every other mode (RGB, RGBA, P, CMYK, ...) is read as its RGB
+        # colours, which also drops alpha, so the channels are tested one by one below.
+        array = np.asarray(mask.convert("L" if mask.mode in ("1", "L") else "RGB"))
     elif torch.is_tensor(mask):
         tensor = mask.detach()
-        while tensor.ndim > 2 and tensor.shape[0] == 1:
+        if tensor.ndim == 4 and tensor.shape[0] == 1:
             tensor = tensor[0]
-        if tensor.ndim != 2 or mask.ndim > 4:
-            raise ValueError(f"mask tensor must be HxW, 1xHxW or 1x1xHxW, got shape {tuple(mask.shape)}")
+        if tensor.ndim == 3 and tensor.shape[0] in _MASK_CHANNELS:
+            tensor = tensor.permute(1, 2, 0)
+        elif tensor.ndim != 2:
+            channels_last = tensor.ndim == 3 and tensor.shape[-1] in _MASK_CHANNELS
+            hint = " (channels last? use .permute(2, 0, 1))" if channels_last else ""
+            raise ValueError(
+                f"mask tensor must be HxW, CxHxW or 1xCxHxW with C = 1, 3 or 4, got shape {tuple(mask.shape)}{hint}"
+            )
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
         array = tensor.cpu().numpy()
     elif isinstance(mask, np.ndarray):
         array = mask
-        if array.ndim == 3 and array.shape[2] == 1:
-            array = array[:, :, 0]
-        elif array.ndim != 2:
-            hint = " (convert it to one channel)" if array.ndim == 3 else ""
-            raise ValueError(f"mask must be HxW or HxWx1, got shape {array.shape}{hint}")
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in _MASK_CHANNELS):
+            raise ValueError(f"mask must be HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA), got shape {array.shape}")
     else:
         raise TypeError(f"mask must be a numpy array, a PIL image or a torch tensor, got {_describe_type(mask)}")
 
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"mask is empty ({_hxw(array.shape)})")
+    if array.ndim == 3:
+        array = array[:, :, :3]  # a fourth channel is alpha, not a colour
     if array.dtype == np.uint8:
-        return array > 127
-    if array.dtype == np.bool_:
-        return array.copy()
-    if np.issubdtype(array.dtype, np.floating):
+        selected = array > 127
+    elif array.dtype == np.bool_:
+        selected = array.copy()
+    elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ValueError("mask contains NaN or inf")
-        return array > 0
-    if np.issubdtype(array.dtype, np.integer):
-        return array > 0
-    raise TypeError(f"mask must be bool, integer or floating point, got dtype {array.dtype}")
+        selected = array > 0
+    elif np.issubdtype(array.dtype, np.integer):
+        selected = array > 0
+    else:
+        raise TypeError(f"mask must be bool, integer or floating point, got dtype {array.dtype}")
+    return selected.any(axis=2) if selected.ndim == 3 else selected

@@ -54,3 +54,23 @@ def test_report_is_readable(monkeypatch):
     assert text.splitlines()[0] == "ffc_kernels backend on cpu: torch"
     for name in backends.BACKENDS:
         assert f"  {name}" in text
+
+
+def test_cuda_without_a_gpu_says_so(monkeypatch):
+    monkeypatch.delenv("FFC_KERNELS_BACKEND", raising=False)
+    if torch.cuda.is_available():  # on a GPU machine, pretend there is none
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    info = backend_info("cuda")
+    assert info.selected == "none (torch sees no CUDA device)"
+    assert info.reasons["triton"] in ("torch sees no CUDA device", backends._TRITON_ERROR)
+    assert info.reasons["torch"] == "torch sees no CUDA device"
+    assert "available" not in str(info)
+
+
+def test_cuda_index_beyond_the_gpus_says_so(monkeypatch):
+    monkeypatch.delenv("FFC_KERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    info = backend_info("cuda:2")
+    assert info.selected == "none (torch sees 2 CUDA devices, so there is no cuda:2)"
+    assert "triton" not in info.selected

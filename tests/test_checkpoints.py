@@ -266,6 +266,21 @@ def test_device_argument(plain_file):
     assert next(load_generator(plain_file, device=torch.device("cpu")).parameters()).device.type == "cpu"
 
 
+def test_cuda_without_a_gpu_is_a_clear_error(plain_file, monkeypatch):
+    if torch.cuda.is_available():  # on a GPU machine, pretend there is none
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", torch.device("cuda:0")):
+        with pytest.raises(ValueError, match=r"requested but torch sees no CUDA device; use device='cpu'"):
+            load_generator(plain_file, device=device)
+
+
+def test_cuda_index_beyond_the_gpus_is_a_clear_error(plain_file, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device cuda:1 requested but torch sees 1 CUDA device"):
+        load_generator(plain_file, device="cuda:1")
+
+
 def _without(sd, key):
     return {k: v for k, v in sd.items() if k != key}
 

@@ -36,6 +36,10 @@ def scene(rng, height, width):
     return image, mask
 
 
+# One pixel each: black, pure red (grey 76), pure green at 128, grey 100 on every channel.
+RGB_MASK = np.array([[[0, 0, 0], [255, 0, 0], [0, 128, 0], [100, 100, 100]]], np.uint8)
+
+
 # ---------------------------------------------------------------------------------------- padding
 
 
@@ -90,7 +94,7 @@ def test_input_layout_rgb_first_mask_last_zeroed_under_mask():
 def test_input_follows_generator_dtype():
     generator = Recorder().eval()
     generator.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
-    lama_fast.inpaint(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8), generator)
+    lama_fast.inpaint(np.zeros((8, 8, 3), np.uint8), np.full((8, 8), 255, np.uint8), generator)
     assert generator.inputs[0].dtype == torch.float64
 
 
@@ -105,13 +109,63 @@ def test_input_follows_generator_dtype():
         (PIL.Image.fromarray(np.array([[0, 127, 128, 255]], np.uint8)), [0, 0, 1, 1]),
         (torch.tensor([[0, 127, 128, 255]], dtype=torch.uint8), [0, 0, 1, 1]),
         (torch.tensor([[0.0, 1e-7, 0.0, 1.0]]), [0, 1, 0, 1]),
+        # Colour masks: set where any colour channel passes the threshold; alpha never counts.
+        (RGB_MASK, [0, 1, 1, 0]),
+        (np.dstack([RGB_MASK, np.full((1, 4), 255, np.uint8)]), [0, 1, 1, 0]),
+        (np.array([[[0, 0, 0, 0], [0, 0, 0, 255], [9, 9, 9, 255], [0, 0, 255, 0]]], np.uint8), [0, 0, 0, 1]),
+        ((RGB_MASK > 127).astype(np.float32) * 0.5, [0, 1, 1, 0]),
+        (np.array([[[0, 0, 0], [0, 0, 1], [0, 0, 0], [2, 0, 0]]], np.int32), [0, 1, 0, 1]),
+        (PIL.Image.fromarray(RGB_MASK), [0, 1, 1, 0]),
+        (PIL.Image.fromarray(RGB_MASK).convert("RGBA"), [0, 1, 1, 0]),
+        (PIL.Image.fromarray(RGB_MASK).convert("P"), [0, 1, 1, 0]),
+        (PIL.Image.fromarray(np.array([[0, 127, 128, 255]], np.uint8)).convert("LA"), [0, 0, 1, 1]),
+        (PIL.Image.fromarray(np.array([[0, 0, 255, 255]], np.uint8)).convert("1"), [0, 0, 1, 1]),
+        (torch.from_numpy(RGB_MASK).permute(2, 0, 1), [0, 1, 1, 0]),
+        (torch.from_numpy(RGB_MASK).permute(2, 0, 1)[None], [0, 1, 1, 0]),
+        (torch.from_numpy(RGB_MASK[..., :1]).permute(2, 0, 1)[None], [0, 1, 0, 0]),
     ],
-    ids=["uint8", "float32", "float64", "bool", "uint16", "pil-L", "tensor-uint8", "tensor-float"],
+    ids=["uint8", "float32", "float64", "bool", "uint16", "pil-L", "tensor-uint8", "tensor-float",
+         "rgb", "rgba-opaque", "alpha-only", "rgb-float", "rgb-int32", "pil-RGB", "pil-RGBA", "pil-P", "pil-LA",
+         "pil-1", "tensor-3xHxW", "tensor-1x3xHxW", "tensor-1x1xHxW"],
 )
 def test_mask_threshold(mask, expected):
     generator = Recorder().eval()
     lama_fast.inpaint(np.full((1, 4, 3), 200, np.uint8), mask, generator, pad_modulo=1)
     assert generator.inputs[0][0, 3, 0].tolist() == expected
+
+
+def test_red_on_black_mask_file_is_inpainted(tmp_path, rng):
+    # Drawn in red on black and saved as RGB: as grey the stroke would be 76, under 127.
+    image, grey = scene(rng, 24, 40)
+    red = np.zeros(image.shape, np.uint8)
+    red[..., 0] = grey
+    PIL.Image.fromarray(red).save(tmp_path / "mask.png")
+    generator = constant([0.0, 1.0, 0.0])
+    result = lama_fast.inpaint(image, PIL.Image.open(tmp_path / "mask.png"), generator)
+    np.testing.assert_array_equal(result, lama_fast.inpaint(image, grey, generator))
+    assert np.all(result[grey > 127] == [0, 255, 0])
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float", "pil", "faint"])
+def test_empty_mask_returns_the_image(kind, rng):
+    image, _ = scene(rng, 13, 21)
+    mask = np.zeros((13, 21), np.uint8)
+    expected = image
+    if kind == "float":
+        image = image.astype(np.float32) / 255
+        expected = np.clip(image * 255, 0, 255).astype(np.uint8)
+    elif kind == "pil":
+        image, mask = PIL.Image.fromarray(image), PIL.Image.fromarray(mask).convert("RGB")
+    elif kind == "faint":
+        mask[2:9, 3:12] = 127  # under the 8-bit threshold: still nothing to inpaint
+    generator = Recorder().eval()
+    with pytest.warns(UserWarning, match="sets no pixel.*returned unchanged"):
+        result = lama_fast.inpaint(image, mask, generator)
+    assert not generator.inputs
+    assert result.dtype == np.uint8
+    np.testing.assert_array_equal(result, expected)
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        assert not np.shares_memory(result, image)
 
 
 # ------------------------------------------------------------------------------------- composite
@@ -207,8 +261,8 @@ IMAGE, MASK = np.zeros((H, W, 3), np.uint8), np.zeros((H, W), np.uint8)
         (np.zeros((H, W, 4), np.uint8), MASK, ValueError, "RGBA"),
         (np.zeros((H, W), np.uint8), MASK, ValueError, "HxWx3"),
         (np.zeros((H, W, 1), np.uint8), MASK, ValueError, "HxWx3"),
-        (IMAGE, np.zeros((H, W, 3), np.uint8), ValueError, "HxW or HxWx1"),
-        (IMAGE, np.zeros((1, H, W), np.uint8), ValueError, "HxW or HxWx1"),
+        (IMAGE, np.zeros((H, W, 2), np.uint8), ValueError, "HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA)"),
+        (IMAGE, np.zeros((1, H, W), np.uint8), ValueError, "HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA)"),
         (np.zeros((0, W, 3), np.uint8), np.zeros((0, W), np.uint8), ValueError, "empty"),
         (np.zeros((H, 0, 3), np.float32), np.zeros((H, 0), np.uint8), ValueError, "empty"),
         (np.full((H, W, 3), 255.0, np.float32), MASK, ValueError, "[0, 1]"),
@@ -223,7 +277,9 @@ IMAGE, MASK = np.zeros((H, W, 3), np.uint8), np.zeros((H, W), np.uint8)
         (torch.zeros(H, W, 3), MASK, ValueError, "permute"),
         (torch.zeros(2, 3, H, W), MASK, ValueError, "batch of 2"),
         (torch.zeros(3, H, W, dtype=torch.int32), MASK, TypeError, "int32"),
-        (IMAGE, torch.zeros(3, H, W), ValueError, "1x1xHxW"),
+        (IMAGE, torch.zeros(2, H, W), ValueError, "CxHxW or 1xCxHxW with C = 1, 3 or 4"),
+        (IMAGE, torch.zeros(2, 1, H, W), ValueError, "CxHxW or 1xCxHxW"),
+        (IMAGE, torch.zeros(H, W, 3), ValueError, "permute"),
         (PIL.Image.new("I;16", (W, H)), MASK, ValueError, "8-bit"),
         (IMAGE, PIL.Image.new("F", (W, H)), ValueError, "8-bit"),
     ],
@@ -259,4 +315,4 @@ def test_rejects_bad_pad_modulo():
 
 def test_warns_about_training_mode():
     with pytest.warns(UserWarning, match="eval"):
-        lama_fast.inpaint(IMAGE, MASK, Recorder())
+        lama_fast.inpaint(IMAGE, np.full((H, W), 255, np.uint8), Recorder())
