@@ -4,6 +4,7 @@ The CUDA extension in csrc/ is built only when asked (FFC_KERNELS_BUILD_EXT=1) a
 toolkit is present; without it the package is pure Python and uses Triton or torch.
 """
 import os
+import runpy
 
 from setuptools import find_packages, setup
 
@@ -26,7 +27,8 @@ if os.environ.get("FFC_KERNELS_BUILD_EXT") == "1":
 
 setup(
     name="ffc-kernels",
-    version="0.1.0",
+    # One version for the package and its metadata; read without importing lama_fast (and torch).
+    version=runpy.run_path(os.path.join("lama_fast", "_version.py"))["__version__"],
     description="Fused Fast Fourier Convolution kernels and a fast LaMa inpainting generator",
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
@@ -38,6 +40,7 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
         "numpy",
         "pillow",
+        "tqdm",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["lama-fast=lama_fast.cli:main"]},

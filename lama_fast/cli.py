@@ -1,24 +1,31 @@
 """``lama-fast``: inpaint images with a LaMa checkpoint, verify the fused path, find the benchmarks.
 
     lama-fast inpaint IMAGE MASK -o OUT --checkpoint PATH [--device cpu|cuda] [--reference]
-                      [--precision fp32|tf32|bf16]
+                      [--precision fp32|tf32|bf16] [--threads N]
     lama-fast verify [--size 256] [--device cpu|cuda] [--blocks N] [--seed 0] [--save DIR]
     lama-fast bench
+    lama-fast --version
 
-Errors are reported as one line on stderr with a non-zero exit status, never a traceback.
+Errors are reported as one line on stderr with a non-zero exit status, never a traceback; warnings
+raised while inpainting (by lama_fast or torch) as one ``lama-fast: warning:`` line each.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
+import tqdm
 
+from lama_fast._version import __version__ as SOURCE_VERSION
 from lama_fast.checkpoints import CheckpointError, load_generator
 from lama_fast.optimized import PRECISIONS, optimize
 from lama_fast.pipeline import inpaint
@@ -76,22 +83,30 @@ def _one_line(message) -> str:
     return text or type(message).__name__
 
 
+def _version() -> str:
+    """The installed distribution's version; from a source tree that is not installed, the source's."""
+    try:
+        return importlib.metadata.version("ffc-kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return SOURCE_VERSION
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="LaMa inpainting on fused Fast Fourier Convolution kernels.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser(
         "inpaint",
         help="inpaint an image (or a directory of images) with a LaMa checkpoint",
-        description="Inpaint IMAGE where MASK is white (> 127), writing a PNG. With directories, "
+        description="Inpaint IMAGE where MASK is white (> 127; in a colour mask, where any of R, G, B is), "
+        "writing a PNG. With directories, "
         "each image <stem>.<ext> in IMAGE is paired with <stem>_mask.<ext> or <stem>.<ext> in MASK "
         "(_mask and .png preferred), "
         "and OUT/<stem>.png is written.",
     )
     run.add_argument("image", metavar="IMAGE", help="image file, or a directory of images")
-    run.add_argument("mask", metavar="MASK", help="mask file (white = inpaint), or a directory of masks")
+    run.add_argument("mask", metavar="MASK", help="mask file (white or any colour = inpaint), or a directory of masks")
     run.add_argument("-o", "--output", metavar="OUT", required=True, help="output .png file, or a directory")
     run.add_argument("--checkpoint", metavar="PATH", help="LaMa best.ckpt, TorchScript big-lama.pt or a state dict")
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
@@ -101,6 +116,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           "cores on a GPU (fp32 on the CPU); bf16 runs weights, activations and products in bf16 "
                           "with fp32 accumulation and fp32 FFTs (LaMa's own FourierUnit cannot run in bf16)")
     run.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="the same as --precision (older name)")
+    run.add_argument("--threads", type=_int_at_least(1), metavar="N",
+                     help="CPU threads torch uses (torch.set_num_threads; default: torch's own choice)")
     run.set_defaults(run=_run_inpaint)
 
     check = commands.add_parser(
@@ -175,38 +192,129 @@ def _run_inpaint(args) -> int:
         raise CLIError(f"--precision {precision} needs the optimized generator: the reference runs LaMa's own "
                        "modules in fp32; drop --reference")
     device = _device(args.device)
-    generator = load_generator(str(checkpoint), device=device).eval()
-    if not args.reference:
-        generator = optimize(generator, precision=precision)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    start = time.monotonic()
+    with _warnings_as_lines():
+        generator = load_generator(str(checkpoint), device=device).eval()
+        if not args.reference:
+            generator = optimize(generator, precision=precision)
 
-    failed = 0
-    progress = _Progress(len(jobs)) if image.is_dir() else None
-    for done, (image_path, mask_path, out_path) in enumerate(jobs, start=1):
-        try:
-            image_in, mask_in = _read_image(image_path), _read_image(mask_path)
-            if min(image_in.size) < MIN_SIDE:
-                raise CLIError(f"{image_path.name} is {image_in.height}x{image_in.width} (HxW); "
-                               f"LaMa needs at least {MIN_SIDE} pixels a side")
-            result = inpaint(image_in, mask_in, generator, device=device)
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            PIL.Image.fromarray(result).save(out_path, format="PNG")
-        except (CLIError, ValueError, TypeError, OSError, RuntimeError) as error:
-            message = _one_line(error) if isinstance(error, CLIError) else f"{image_path.name}: {_one_line(error)}"
-            if progress is None:
-                raise CLIError(message) from error
-            failed += 1
-            progress.note(f"{PROG}: error: {message}")
-        if progress is not None:
-            progress.update(done, image_path.name)
-    if progress is not None:
-        progress.close()
+    if image.is_dir():
+        failed = _inpaint_directory(jobs, generator, device)
         written = len(jobs) - failed
         if failed or unmatched:
             _error(f"wrote {written} of {len(jobs) + len(unmatched)} images to {output}; "
                    f"{len(unmatched)} had no mask, {failed} failed")
             return 1
-        print(f"wrote {written} images to {output}", file=sys.stderr)
+        print(f"{PROG}: wrote {written} images to {output} {_resources(start, device)}", file=sys.stderr)
+    else:
+        _inpaint_file(*jobs[0], generator, device)
+        print(f"{PROG}: wrote {jobs[0][2]} {_resources(start, device)}", file=sys.stderr)
     return 0
+
+
+def _inpaint_directory(jobs, generator, device) -> int:
+    """Inpaint every (image, mask, output) job under one progress bar; returns how many failed.
+
+    A failing image is reported as one error line and the others go on.
+    """
+    failed = 0
+    with tqdm.tqdm(total=len(jobs), unit="image", file=sys.stderr, dynamic_ncols=True) as bar:
+        for image_path, mask_path, out_path in jobs:
+            bar.set_postfix_str(image_path.name)
+            try:
+                with _warnings_as_lines(f"{image_path.name}: "):
+                    for _ in _steps(image_path, mask_path, out_path, generator, device):
+                        pass
+            except (CLIError, ValueError, TypeError, OSError, RuntimeError) as error:
+                failed += 1
+                _print_line(f"{PROG}: error: {_job_error(error, image_path)}")
+            bar.update(1)
+    return failed
+
+
+_STEPS = ("reading", "inpainting", "writing")
+
+
+def _inpaint_file(image_path, mask_path, out_path, generator, device) -> None:
+    """Inpaint one image, its steps shown as a bar on a terminal; failures raise one-line CLIErrors.
+
+    Not on a terminal (a log, a pipe) the bar is left out: three redraws of one image say nothing
+    there, and stderr stays as the one-line errors and warnings a script reads.
+    """
+    bar = tqdm.tqdm(total=len(_STEPS), desc=image_path.name, file=sys.stderr, disable=None, dynamic_ncols=True,
+                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]")
+    try:
+        with _warnings_as_lines():
+            for step in _steps(image_path, mask_path, out_path, generator, device):
+                if step != _STEPS[0]:
+                    bar.update(1)  # the previous step is done
+                bar.set_postfix_str(step)
+            bar.set_postfix_str("done")
+            bar.update(1)
+    except (CLIError, ValueError, TypeError, OSError, RuntimeError) as error:
+        bar.leave = False  # the error line replaces the bar
+        raise CLIError(_job_error(error, image_path)) from error
+    finally:
+        bar.close()
+
+
+def _steps(image_path, mask_path, out_path, generator, device):
+    """Inpaint one image, yielding the name of each of _STEPS as it begins."""
+    yield _STEPS[0]
+    image_in, mask_in = _read_image(image_path), _read_image(mask_path)
+    if min(image_in.size) < MIN_SIDE:
+        raise CLIError(f"{image_path.name} is {image_in.height}x{image_in.width} (HxW); "
+                       f"LaMa needs at least {MIN_SIDE} pixels a side")
+    yield _STEPS[1]
+    result = inpaint(image_in, mask_in, generator, device=device)
+    yield _STEPS[2]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(result).save(out_path, format="PNG")
+
+
+def _job_error(error: Exception, image_path: Path) -> str:
+    # CLIErrors name their file already; the others (from inpaint, Pillow, torch) do not.
+    return _one_line(error) if isinstance(error, CLIError) else f"{image_path.name}: {_one_line(error)}"
+
+
+def _print_line(line: str) -> None:
+    """``line`` on stderr, above any progress bar (tqdm clears the bar and redraws it below)."""
+    tqdm.tqdm.write(line, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(prefix: str = ""):
+    """Collect the warnings raised inside (lama_fast's, torch's) and print each distinct one as a
+    single ``lama-fast: warning: <prefix>...`` line once the work succeeds.
+
+    Python would print them with a file, line number and source line, in the middle of a progress
+    bar. When the work fails they are dropped: its error line says what went wrong, on its own.
+    The active filters still apply, so warnings Python hides by default stay hidden.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for line in dict.fromkeys(f"{PROG}: warning: {prefix}{_one_line(w.message)}" for w in caught):
+        _print_line(line)
+
+
+def _resources(start: float, device: torch.device) -> str:
+    """'in <elapsed>, peak memory <size> (<what was measured>)' since ``start``."""
+    elapsed = f"in {time.monotonic() - start:.1f} s"
+    if device.type == "cuda":
+        return f"{elapsed}, peak GPU memory {_size(torch.cuda.max_memory_allocated(device))} (torch tensors)"
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return elapsed
+    # ru_maxrss is the process's peak resident set: KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return f"{elapsed}, peak memory {_size(peak)} (process RSS)"
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
 
 def pair_images_and_masks(image_dir: Path, mask_dir: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
@@ -267,35 +375,6 @@ def _read_image(path: Path) -> PIL.Image.Image:
         raise CLIError(f"cannot read {path}: not an image file, or a format Pillow cannot read") from None
     except OSError as error:
         raise CLIError(f"cannot read {path}: {_one_line(error)}") from None
-
-
-class _Progress:
-    """i/N, a bar and the elapsed time on stderr: redrawn in place on a terminal, one line per step otherwise."""
-
-    def __init__(self, total: int, stream=None, width: int = 24):
-        self.total, self.width = total, width
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.start = time.monotonic()
-        self.line = ""
-        self.update(0)
-
-    def update(self, done: int, label: str = "") -> None:
-        filled = self.width * done // max(self.total, 1)
-        elapsed = int(time.monotonic() - self.start)
-        self.line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
-                     f"{elapsed // 60:02d}:{elapsed % 60:02d} {label}").rstrip()
-        self.stream.write(f"\r{self.line}\x1b[K" if self.tty else f"{self.line}\n")
-        self.stream.flush()
-
-    def note(self, message: str) -> None:
-        self.stream.write(f"\r\x1b[K{message}\n{self.line}" if self.tty else f"{message}\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 # ------------------------------------------------------------------------------- verify and bench

@@ -1,8 +1,12 @@
 """The lama-fast command line: inpaint (file and directory), refusals and errors, verify, bench."""
+import functools
+import importlib.metadata
+import io
 import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +195,137 @@ def test_inpaint_precision_errors(checkpoint, tmp_path, capsys):
     code, _, err = run(capsys, *args, "--precision", "tf32", "--dtype", "bf16")
     assert code != 0 and "disagree" in err
     assert_one_line_error(err)
+
+
+def test_rgb_mask_file_is_inpainted_where_any_channel_is_set(checkpoint, tmp_path, capsys):
+    # A red stroke on black: as grey (76) it would be under 127 and nothing would be inpainted.
+    image_path = write_pair(tmp_path, "photo", mask_name="grey_mask.png")
+    grey = np.asarray(PIL.Image.open(tmp_path / "grey_mask.png"))
+    red = np.zeros(grey.shape + (3,), np.uint8)
+    red[..., 0] = grey
+    PIL.Image.fromarray(red).save(tmp_path / "red_mask.png")
+    out = tmp_path / "out.png"
+    code, _, err = run(capsys, "inpaint", image_path, tmp_path / "red_mask.png", "-o", out,
+                       "--checkpoint", checkpoint, "--device", "cpu")
+    assert code == 0, err
+    generator = lama_fast.optimize(lama_fast.load_generator(checkpoint))
+    written = np.asarray(PIL.Image.open(out))
+    np.testing.assert_array_equal(written, lama_fast.inpaint(PIL.Image.open(image_path), grey, generator))
+    assert not np.array_equal(written, np.asarray(PIL.Image.open(image_path)))
+
+
+def test_single_image_prints_time_and_peak_memory(checkpoint, tmp_path, capsys):
+    image_path = write_pair(tmp_path, "photo", mask_name="photo_mask.png")
+    code, _, err = run(capsys, "inpaint", image_path, tmp_path / "photo_mask.png", "-o", tmp_path / "out.png",
+                       "--checkpoint", checkpoint, "--device", "cpu")
+    assert code == 0
+    # Not a terminal: no bar, just the summary.
+    assert re.fullmatch(r"lama-fast: wrote \S+out\.png in \d+\.\d s, peak memory \d+(\.\d\d)? [MG]iB \(process RSS\)\n",
+                        err), err
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_single_image_shows_its_steps_on_a_terminal(checkpoint, tmp_path, monkeypatch):
+    image_path = write_pair(tmp_path, "photo", mask_name="photo_mask.png")
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    code = main([str(a) for a in ("inpaint", image_path, tmp_path / "photo_mask.png", "-o", tmp_path / "out.png",
+                                  "--checkpoint", checkpoint, "--device", "cpu")])
+    err = sys.stderr.getvalue()
+    assert code == 0, err
+    for step in ("reading", "inpainting", "writing"):
+        assert step in err
+    assert "3/3 steps" in err and err.rstrip().splitlines()[-1].startswith("lama-fast: wrote ")
+
+
+def test_empty_mask_warns_and_writes_the_image(checkpoint, tmp_path, capsys):
+    image_path = write_pair(tmp_path, "photo")
+    PIL.Image.new("L", (52, 40)).save(tmp_path / "empty.png")
+    out = tmp_path / "out.png"
+    code, _, err = run(capsys, "inpaint", image_path, tmp_path / "empty.png", "-o", out,
+                       "--checkpoint", checkpoint, "--device", "cpu")
+    assert code == 0, err
+    warning, summary = err.splitlines()
+    assert warning.startswith("lama-fast: warning: the mask sets no pixel") and summary.startswith("lama-fast: wrote")
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(out)), np.asarray(PIL.Image.open(image_path)))
+
+
+def test_directory_warnings_name_their_image(checkpoint, tmp_path, capsys):
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    masks.mkdir()
+    write_pair(images, "a", mask_name=masks / "a.png")
+    write_pair(images, "b")
+    PIL.Image.new("L", (52, 40)).save(masks / "b.png")
+    code, _, err = run(capsys, "inpaint", images, masks, "-o", out, "--checkpoint", checkpoint, "--device", "cpu")
+    assert code == 0, err
+    lines = [line.split("\r")[-1] for line in err.splitlines()]
+    assert [line for line in lines if line.startswith("lama-fast: warning")] == [
+        "lama-fast: warning: b.png: the mask sets no pixel, so there is nothing to inpaint and the image is "
+        "returned unchanged (8-bit masks are set where a channel is > 127, other masks where it is > 0)"]
+    assert "2/2" in err and re.search(r"wrote 2 images to \S+ in \d+\.\d s, peak memory", lines[-1])
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def noisy_inpaint(*args, fail, **kwargs):
+    warnings.warn("torch noise\nover two lines", UserWarning)
+    if fail:
+        raise RuntimeError("CUDA out of memory")
+    return lama_fast.inpaint(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["succeeds", "fails"])
+def test_warnings_are_one_line_and_never_join_an_error(fail, checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("lama_fast.cli.inpaint", functools.partial(noisy_inpaint, fail=fail))
+    image_path = write_pair(tmp_path, "photo", mask_name="photo_mask.png")
+    code, _, err = run(capsys, "inpaint", image_path, tmp_path / "photo_mask.png", "-o", tmp_path / "out.png",
+                       "--checkpoint", checkpoint, "--device", "cpu")
+    if fail:
+        assert code == 1
+        assert_one_line_error(err)
+        assert "out of memory" in err and "noise" not in err
+    else:
+        assert code == 0
+        assert err.splitlines()[0] == "lama-fast: warning: torch noise over two lines"
+        assert "UserWarning" not in err and ".py:" not in err
+
+
+def test_threads(checkpoint, tmp_path, capsys):
+    image_path = write_pair(tmp_path, "photo", mask_name="photo_mask.png")
+    args = ("inpaint", image_path, tmp_path / "photo_mask.png", "-o", tmp_path / "out.png",
+            "--checkpoint", checkpoint, "--device", "cpu", "--threads")
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code, _, err = run(capsys, *args, 1)
+        assert code == 0, err
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved)
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit) as raised:
+            main([str(a) for a in args] + [bad])
+        assert raised.value.code == 2
+        assert "--threads" in capsys.readouterr().err
+
+
+def test_version(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as raised:
+        main(["--version"])
+    assert raised.value.code == 0
+    assert capsys.readouterr().out == f"lama-fast {importlib.metadata.version('ffc-kernels')}\n"
+
+
+def test_version_from_a_source_tree_that_is_not_installed(monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    done = subprocess.run([sys.executable, "setup.py", "--version"], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    from lama_fast import cli
+
+    assert cli._version() == done.stdout.split()[-1]
