@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lama_fast
 from ffc_kernels import reference
 from ffc_kernels.ops import dense
 from lama_fast import optimized as optimize_module
