@@ -4,6 +4,7 @@
                       [--precision fp32|tf32|bf16] [--threads N]
     lama-fast verify [--size 256] [--device cpu|cuda] [--blocks N] [--seed 0] [--save DIR]
     lama-fast bench
+    lama-fast download [big-lama] [--to DIR]
     lama-fast --version
 
 Errors are reported as one line on stderr with a non-zero exit status, never a traceback; warnings
@@ -27,6 +28,7 @@ import tqdm
 
 from lama_fast._version import __version__ as SOURCE_VERSION
 from lama_fast.checkpoints import CheckpointError, load_generator
+from lama_fast.download import MODELS, DownloadError, cache_directory, download, resolve_checkpoint
 from lama_fast.optimized import PRECISIONS, optimize
 from lama_fast.pipeline import inpaint
 
@@ -39,6 +41,8 @@ MIN_SIDE = 9
 
 NO_CHECKPOINT = f"""\
 {PROG}: error: inpaint needs --checkpoint PATH; no LaMa weights ship with lama-fast.
+  To fetch IOPaint's big-lama.pt into the cache, run: {PROG} download big-lama
+  and then pass --checkpoint big-lama.
   The published big-lama weights are the LaMa authors' release: big-lama.zip, linked from the
   README of the advimman/lama GitHub repository; unzip it and pass big-lama/models/best.ckpt.
   IOPaint's TorchScript export big-lama.pt works too. Both load with --checkpoint PATH.
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (CLIError, CheckpointError, ValueError, TypeError, OSError, RuntimeError) as error:
+    except (CLIError, CheckpointError, DownloadError, ValueError, TypeError, OSError, RuntimeError) as error:
         # RuntimeError: torch's (out of memory, a generator failing on an input); still one line.
         _error(error)
         return 1
@@ -108,7 +112,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("image", metavar="IMAGE", help="image file, or a directory of images")
     run.add_argument("mask", metavar="MASK", help="mask file (white or any colour = inpaint), or a directory of masks")
     run.add_argument("-o", "--output", metavar="OUT", required=True, help="output .png file, or a directory")
-    run.add_argument("--checkpoint", metavar="PATH", help="LaMa best.ckpt, TorchScript big-lama.pt or a state dict")
+    run.add_argument("--checkpoint", metavar="PATH",
+                     help="LaMa best.ckpt, TorchScript big-lama.pt or a state dict; or big-lama, the file "
+                          f"'{PROG} download big-lama' put in the cache")
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     run.add_argument("--reference", action="store_true", help="run the plain PyTorch reference, not the fused kernels")
     run.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -135,6 +141,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="where the benchmarks are and how to run them")
     bench.set_defaults(run=_run_bench)
+
+    fetch = commands.add_parser(
+        "download",
+        help="download LaMa weights (IOPaint's TorchScript big-lama.pt) and check their MD5",
+        description="Downloads the weights into the cache (or DIR), resuming an interrupted download, and "
+        "keeps the file only when its MD5 matches. Afterwards --checkpoint big-lama finds it in the cache.",
+    )
+    fetch.add_argument("name", nargs="?", choices=tuple(MODELS), default="big-lama",
+                       help="which weights (default big-lama)")
+    fetch.add_argument("--to", metavar="DIR",
+                       help=f"directory to put the file in (default: the cache, now {cache_directory()}; "
+                            "set by $LAMA_FAST_CACHE, else $XDG_CACHE_HOME/lama-fast, else ~/.cache/lama-fast)")
+    fetch.set_defaults(run=_run_download)
     return parser
 
 
@@ -166,7 +185,8 @@ def _run_inpaint(args) -> int:
     if args.checkpoint is None:
         print(NO_CHECKPOINT, file=sys.stderr)
         return 2
-    image, mask, output, checkpoint = Path(args.image), Path(args.mask), Path(args.output), Path(args.checkpoint)
+    image, mask, output = Path(args.image), Path(args.mask), Path(args.output)
+    checkpoint = resolve_checkpoint(args.checkpoint)
     for what, path in (("image", image), ("mask", mask), ("checkpoint", checkpoint)):
         if not path.exists():
             raise CLIError(f"{what} not found: {path}")
@@ -409,4 +429,12 @@ def _run_verify(args) -> int:
 
 def _run_bench(args) -> int:
     print(BENCH)
+    return 0
+
+
+def _run_download(args) -> int:
+    path = download(args.name, args.to)
+    # The bare name finds the file only in the cache; from anywhere else (--to) it takes the path.
+    use = args.name if args.to is None else path
+    print(f"{PROG}: {args.name} is at {path}; inpaint with --checkpoint {use}")
     return 0
