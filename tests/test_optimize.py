@@ -212,7 +212,8 @@ def test_copies_are_counted_and_small(big_lama):
     """Every data movement of an fp32 forward, accounted for. Per residual FFC: [x_l | x_g]
     reflect-padded into one buffer (its two halves and four border lines), the Winograd tiles
     gathered and the two outputs' tiles scattered back (ops/winograd.py), the FourierUnit's
-    spectrum to channels-last (torch's CPU FFT works channels-first). Once:
+    input to channels-first and back, its spectrum to channels-last (torch's CPU FFT works
+    channels-first). Once:
     the concatenation before the decoder, the last downsampling input's pad, the output
     convolution's 2x2 regrouping (dense.space_to_depth_weight), and thin border strips of the
     full-resolution layers. Nothing else."""
@@ -235,8 +236,8 @@ def test_copies_are_counted_and_small(big_lama):
         ("copy_", (1, 512, wb)): 2, ("copy_", (1, 512, hb + 2)): 2,  # its border lines
         ("reshape", (tiles, 36, 512)): 1,  # Winograd input tiles
         ("copy_", (4, 4, 1, hb // 4, wb // 4, 128)): 1, ("copy_", (4, 4, 1, hb // 4, wb // 4, 384)): 1,
-        # The FourierUnit's spectrum to channels-last (conv1 writes its input channels-first).
-        ("reshape", (hb * (wb // 2 + 1), 384)): 1,
+        # The FourierUnit: its input to fp32 channels-first and back, its spectrum to channels-last.
+        ("to", (1, 192, hb, wb)): 2, ("reshape", (hb * (wb // 2 + 1), 384)): 1,
     }
     once = {
         ("cat", (1, 512, hb, wb)): 1,

@@ -7,15 +7,15 @@ In channels_last (NHWC) every 1x1 convolution is a plain GEMM over pixels, and t
 an NHWC tensor viewed as real numbers is already LaMa's stacked order (channel 2c = Re(c),
 2c+1 = Im(c)), so the FourierUnit's convolution is one GEMM with LaMa's own (2Co, 2Ci) weight:
 no stack, no permute, no complex(). Here:
-    t = relu(W1' x + b1')                         one GEMM per image, channels-first out (BN folded)
+    t = relu(x @ W1' + b1')                       one 1x1 convolution (BN folded), ReLU in its epilogue
     s = rfft2(t) over (H, W), unnormalised        pocketfft / cuFFT, fp32
     m = relu(s @ (a c W_fu') + c b_fu')           one GEMM on the interleaved spectrum
     t += irfft2(m), normalised by "forward"       ortho scales folded into the GEMM (see fourier_unit)
-    out = relu(residual + t^T W2')                one GEMM per image accumulating into the residual
+    out = relu(residual + t @ W2')                one 1x1 convolution, the sum and ReLU in its epilogue
 ``residual`` is convl2g(x_l) with its bias, conv2's bias and bn_g's shift folded into it by
-the caller. GEMMs read channels-last activations as transposed operands, so conv1 writes the
-FourierUnit's channels-first input and conv2 reads it back without a transposing copy. The
-reference math is ``ffc_kernels.reference.SpectralTransform`` followed by the FFC_BN_ACT epilogue.
+the caller. The 1x1 convolutions and the GEMM are ``dense``'s: oneDNN's fused primitives on the
+CPU (in channels_last a 1x1 convolution is the same GEMM, and oneDNN runs it faster as one). The reference math is
+``ffc_kernels.reference.SpectralTransform`` followed by the FFC_BN_ACT epilogue.
 
 Layout: ``x`` (N, Ci, H, W) and ``residual`` (N, Co, H, W), both contiguous channels_last
 (every GEMM operand a plain matrix, no copy). Data fp32 or bf16 (weights of the same dtype);
@@ -25,15 +25,16 @@ fp32. Returns the output, a new channels_last tensor.
 Bytes (fp32, C = Ci, Co = 2C, C/2 FourierUnit channels, P pixels, N ~ P/2 spectral points):
     eager (LaMa): conv1, BN, ReLU (4CP + 2 x 4CP) + FourierUnit (~48CP) + sum (6CP) + conv2
                   (6CP) + add, BN, ReLU on 2C channels (24CP)              ~ 96CP
-    here: conv1 (4CP + 2CP) + rfft2 (2CP + 4CN) + spectrum transpose (8CN) + mix (8CN)
-          + irfft2 (4CN + 2CP) + add (6CP) + conv2 into the residual (2CP + 8CP + 8CP) ~ 42CP
+    here: conv1 (4CP + 2CP) + channels-first copy (4CP) + rfft2 (2CP + 4CN) + spectrum transpose
+          (8CN) + mix (8CN) + irfft2 (4CN + 2CP) + add (6CP) + channels-last copy (4CP)
+          + conv2 into the residual (2CP + 8CP + 8CP)                      ~ 50CP
 """
 from __future__ import annotations
 
 import torch
 
 from ffc_kernels.ops._common import check_shape, check_tensor
-from ffc_kernels.ops.dense import linear
+from ffc_kernels.ops.dense import conv2d, linear
 from ffc_kernels.ops.fourier_unit import _FORWARD_SCALE, _INVERSE_SCALE
 
 __all__ = ["spectral_transform_nhwc", "spectral_gemm_weights"]
@@ -43,34 +44,34 @@ def spectral_gemm_weights(w1, b1, w_fu, b_fu, w2, *, fft_norm, height, width, dt
     """The operands of ``spectral_transform_nhwc`` from folded weights, for an H x W input.
 
     ``w1`` (C1, Ci), ``b1`` (C1,), ``w_fu`` (2 C1, 2 C1), ``b_fu`` (2 C1,), ``w2`` (Co, C1), as
-    (out, in) matrices (float64 preferably); w2 comes back transposed, (C1, Co). The FourierUnit's
-    FFT normalisation is folded into the mix (see ``fourier_unit``), which is why the operands
-    depend on the spatial size.
+    (out, in) matrices (float64 preferably); conv1 and conv2 come back as channels_last 1x1
+    convolution weights. The FourierUnit's FFT normalisation is folded into the mix (see
+    ``fourier_unit``), which is why the operands depend on the spatial size.
     """
     a, c = _FORWARD_SCALE[fft_norm](height * width), _INVERSE_SCALE[fft_norm](height * width)
-    return tuple(t.to(dtype).contiguous() for t in (w1, b1, w_fu * (a * c), b_fu * c, w2.t()))
+    as_conv = lambda w: w[:, :, None, None].to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    return as_conv(w1), b1.to(dtype), (w_fu * (a * c)).to(dtype).contiguous(), (b_fu * c).to(dtype), as_conv(w2)
 
 
-def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2t, *, relu=True):
+def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2, *, relu=True):
     """relu(residual + conv2(t + FourierUnit(t))) with t = relu(conv1(x)), channels_last (see header).
 
     Operands from ``spectral_gemm_weights`` for x's H x W. Returns a new channels_last tensor.
     """
     n, ci, h, w = x.shape
     check_tensor("residual", residual, dtypes=(x.dtype,), ndim=4, device=x.device)
-    c1, co = w1.shape[0], w2t.shape[1]
+    c1, co = w1.shape[0], w2.shape[0]
     check_shape("residual", residual, (n, co, h, w))
     for name, t in (("x", x), ("residual", residual)):
         if not t.is_contiguous(memory_format=torch.channels_last):
             raise ValueError(f"{name} must be contiguous channels_last, got strides {t.stride()}")
-    check_shape("w1", w1, (c1, ci))
+    check_shape("w1", w1, (c1, ci, 1, 1))
     check_shape("w_fu", w_fu, (2 * c1, 2 * c1))
-    # conv1 computed channels-first, (C1 x Ci) @ (Ci x HW) per image: the FFTs work channels-first
-    # (torch's CPU FFT transposes channels-last data itself, more slowly), and a GEMM reads x's
-    # channels-last layout as a transposed operand for free.
-    x3 = x.permute(0, 2, 3, 1).reshape(n, h * w, ci)  # a view: channels_last is NHWC in memory
-    t = torch.baddbmm(b1.view(1, c1, 1), w1.expand(n, c1, ci), x3.transpose(1, 2)).relu_()
-    t = t.view(n, c1, h, w).float()
+    t = conv2d(x, w1, b1, relu=True)  # (n, c1, h, w) channels_last
+    # The FourierUnit works on an fp32 channels-first copy: torch's CPU FFT transposes NHWC data
+    # itself, more slowly, and returns channels-first results either way; the sum t + fu(t) is
+    # taken there too, then turned back into channels_last for conv2 (one copy each way).
+    t = t.to(torch.float32, memory_format=torch.contiguous_format)
     spec = torch.fft.rfft2(t, norm="backward")
     # Channel 2c = Re(c), 2c+1 = Im(c) per spectral point: LaMa's stacked order, one transposing
     # copy of C1 x N complex values (small next to the convolutions).
@@ -78,9 +79,4 @@ def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2t, *, relu=True):
     m = linear(s.to(w_fu.dtype), w_fu, b_fu, relu=True)
     mixed = torch.view_as_complex(m.float().view(n, h, w // 2 + 1, c1, 2)).permute(0, 3, 1, 2)
     t += torch.fft.irfft2(mixed, s=(h, w), norm="forward")
-    # conv2 into the residual: (HW x C1) @ (C1 x Co) per image, t read transposed.
-    r3 = residual.permute(0, 2, 3, 1).reshape(n, h * w, co)
-    y = torch.baddbmm(r3, t.to(x.dtype).view(n, c1, h * w).transpose(1, 2), w2t.expand(n, c1, co))
-    if relu:
-        y.relu_()
-    return y.view(n, h, w, co).permute(0, 3, 1, 2)
+    return conv2d(t.to(x.dtype, memory_format=torch.channels_last), w2, None, relu=relu, add=residual)
