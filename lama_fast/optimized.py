@@ -213,25 +213,27 @@ class _LocalFFC:
 class _SpectralFFC:
     """A residual block's FFC_BN_ACT: (l, g) -> (act(bn_l(l2l(l) + g2l(g))), act(bn_g(l2g(l) + g2g(g))))."""
 
-    l2l: _Conv          # no bias, no ReLU
-    g2l: _Conv          # bn_l's shift as bias; act_l after the sum with l2l
-    l2g: _Conv          # bias: conv2's, convl2g's and bn_g's shift
+    l2l: _Conv | None   # no bias, no ReLU (None where winograd runs the exchange)
+    g2l: _Conv | None   # bn_l's shift as bias; act_l after the sum with l2l
+    l2g: _Conv | None   # bias: conv2's, convl2g's and bn_g's shift
     relu_l: bool
     relu_g: bool
     spectral: tuple     # folded float64 (w1, b1, w_fu, b_fu, w2) as (out, in) matrices
     fft_norm: str
     dtype: torch.dtype
     fused: tuple | None  # (w1, b1, packed fu weight, packed fu bias, w2) fp32, for the fused ops
-    winograd: tuple | None = None  # (U of [l2l | g2l], U of l2g): ops.winograd weights, fp32 on the CPU
+    # fp32 on the CPU: (U of [l2l | g2l], U of l2g, their biases) for ops.winograd, 3x3 with reflect
+    # padding 1; the direct convolutions' weights are then not kept.
+    winograd: tuple | None = None
     gemm: OrderedDict = dataclasses.field(default_factory=OrderedDict)  # (H, W) -> operands, a few sizes
 
     def __call__(self, state, plan):
         x_l, x_g = state
         if self.winograd is not None:
-            padded = dense.reflect_pad_cat((x_l, x_g), self.l2l.reflect)
-            u_local, u_l2g = self.winograd
-            y_l, y_g = winograd_conv2d(padded, [(u_local, padded.shape[1], self.g2l.bias),
-                                                (u_l2g, x_l.shape[1], self.l2g.bias)], relu=[self.relu_l, False])
+            padded = dense.reflect_pad_cat((x_l, x_g), 1)
+            u_local, u_l2g, b_local, b_l2g = self.winograd
+            y_l, y_g = winograd_conv2d(padded, [(u_local, padded.shape[1], b_local), (u_l2g, x_l.shape[1], b_l2g)],
+                                       relu=[self.relu_l, False])
         else:
             padded_l = self.l2l.prepad(x_l)  # l2l and l2g read x_l with the same geometry
             y_l = self.g2l(x_g, add=self.l2l(x_l, padded=padded_l), relu=self.relu_l)
@@ -424,15 +426,17 @@ def _build_spectral_ffc(m, dtype, device, fused: bool, winograd: bool) -> _Spect
                          w2.to(**f32))
     use_winograd = (winograd and ffc.convl2l.kernel_size == (3, 3) and geometry["dilation"] == (1, 1)
                     and geometry["reflect"] == 1 and geometry["padding"] == (0, 0))
-    winograd_weights = None
+    exchange = dict(l2l=None, g2l=None, l2g=None, winograd=None)
     if use_winograd:
-        winograd_weights = (winograd_weight(torch.cat([w_ll, w_gl], dim=1)).to(device),
-                            winograd_weight(w_l2g).to(device))
+        exchange["winograd"] = (winograd_weight(torch.cat([w_ll, w_gl], dim=1)).to(device),
+                                winograd_weight(w_l2g).to(device), _bias(b_gl, dtype, device),
+                                _bias(b_l2g, dtype, device))
+    else:
+        exchange.update(l2l=_Conv(_weight(w_ll, dtype, device), None, **geometry),
+                        g2l=_Conv(_weight(w_gl, dtype, device), _bias(b_gl, dtype, device), **geometry),
+                        l2g=_Conv(_weight(w_l2g, dtype, device), _bias(b_l2g, dtype, device), **geometry))
     return _SpectralFFC(
-        winograd=winograd_weights,
-        l2l=_Conv(_weight(w_ll, dtype, device), None, **geometry),
-        g2l=_Conv(_weight(w_gl, dtype, device), _bias(b_gl, dtype, device), **geometry),
-        l2g=_Conv(_weight(w_l2g, dtype, device), _bias(b_l2g, dtype, device), **geometry),
+        **exchange,
         relu_l=_relu_flag(m.act_l), relu_g=_relu_flag(m.act_g),
         spectral=spectral, fft_norm=fft_norm, dtype=dtype, fused=fused_weights,
     )
