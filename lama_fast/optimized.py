@@ -52,6 +52,8 @@ import torch.nn.functional as F
 import ffc_kernels
 from ffc_kernels import backends
 from ffc_kernels.fold import batchnorm_affine, fold
+from ffc_kernels.modules import FastFFC_BN_ACT, FastFFCResnetBlock
+from ffc_kernels.modules import _relu_flag as fused_relu_flag
 from ffc_kernels.ops import dense
 from ffc_kernels.ops.fourier_unit import fourier_unit
 from ffc_kernels.ops.pointwise_conv import pointwise_conv
@@ -336,11 +338,10 @@ def _conv_geometry(conv: nn.Conv2d):
 
 
 def _relu_flag(act) -> bool:
-    if isinstance(act, nn.ReLU):
-        return True
-    if isinstance(act, nn.Identity):
-        return False
-    raise _NotLaMa(f"activation {act}")
+    relu = fused_relu_flag(act)
+    if relu is None:
+        raise _NotLaMa(f"activation {act}")
+    return relu
 
 
 def _affine(bn):
@@ -442,10 +443,6 @@ def _build_spectral_ffc(m, dtype, device, fused: bool, winograd: bool) -> _Spect
     )
 
 
-def _looks_like(m, name, *attributes) -> bool:
-    return _name(m) == name and all(hasattr(m, a) for a in attributes)
-
-
 def _build_plan(generator: nn.Module, precision: _Precision, device: torch.device, backend: str) -> _Plan:
     model = getattr(generator, "model", None)
     if not isinstance(model, nn.Sequential):
@@ -467,13 +464,13 @@ def _build_plan(generator: nn.Module, precision: _Precision, device: torch.devic
                 if len(pads) != 1 or reflect:
                     raise _NotLaMa(f"layer {i}: {m}")
                 reflect = pads.pop()
-            elif _looks_like(m, "FFC_BN_ACT", "ffc", "bn_l", "bn_g", "act_l", "act_g"):
+            elif isinstance(m, FastFFC_BN_ACT):  # convert() recognised it by name and structure
                 if in_channels is None:
                     first = m.ffc.convl2l if isinstance(m.ffc.convl2l, nn.Conv2d) else m.ffc.convl2g
                     in_channels = first.in_channels
                 steps.append(_build_local_ffc(m, reflect, dtype, device))
                 reflect = 0
-            elif _looks_like(m, "FFCResnetBlock", "conv1", "conv2", "inline"):
+            elif isinstance(m, FastFFCResnetBlock):
                 if m.inline or reflect:
                     raise _NotLaMa(f"layer {i}: an inline residual block")
                 fused = backend != "torch"
@@ -583,6 +580,10 @@ class _Optimized:
         precision = _resolve_precision(self.requested, device)
         backend = backends.select(device)
         try:
+            # Layers swapped in after optimize() are LaMa's own classes: their fast twins are what
+            # the plan recognises. Converting changes their types, so the signature is taken after.
+            ffc_kernels.convert(generator)
+            signature = _signature(generator)
             self.plan, self.why_not = _build_plan(generator, precision, device, backend), None
         except _NotLaMa as exc:
             self.why_not = str(exc)

@@ -389,6 +389,143 @@ def test_triton_path_under_the_interpreter(monkeypatch, precision):
         assert plan_info(fast)["runs"] == "bf16" and psnr >= BF16_MIN_PSNR and err > 4 * plain_err
 
 
+def test_a_hook_on_the_generator_itself_keeps_the_plan(big_lama):
+    fast = _optimized(big_lama)
+    outputs = []
+    fast.register_forward_hook(lambda m, i, o: outputs.append(o))
+    with torch.inference_mode():
+        out = fast(_input(1, 32, 32))
+    assert plan_info(fast)["runs"] == "fp32" and outputs[0] is out
+
+
+def test_biases_and_identity_norms_fold_like_the_reference():
+    """Layouts LaMa's code allows beyond the released configs: conv2 with a bias, convolution
+    biases everywhere, bn_g an Identity."""
+    generator = demo_generator(seed=14, n_blocks=2)
+    torch.manual_seed(14)
+    for block in (generator.model[5], generator.model[6]):
+        for layer in (block.conv1, block.conv2):
+            ffc = layer.ffc
+            st = ffc.convg2g
+            old = st.conv2
+            st.conv2 = nn.Conv2d(old.in_channels, old.out_channels, 1, bias=True).eval()
+            with torch.no_grad():
+                st.conv2.weight.copy_(old.weight)
+                st.conv2.bias.uniform_(-0.2, 0.2)
+    generator.model[6].conv2.bn_g = nn.Identity().eval()
+    x = _input(1, 40, 40)
+    fast = _optimized(generator)
+    with torch.inference_mode():
+        assert (fast(x) - generator(x)).abs().max().item() <= FP32_TOLERANCE
+    assert plan_info(fast)["runs"] == "fp32"
+
+
+def test_changes_without_a_new_tensor_version_are_seen():
+    generator = demo_generator(seed=15, n_blocks=1)
+    fast = _optimized(generator)
+    x = _input(1, 32, 32)
+    with torch.inference_mode():
+        fast(x)
+        fast.model[-1] = generator.model[-1] = nn.Tanh().eval()  # a module swapped for another
+        assert (fast(x) - generator(x)).abs().max().item() <= FP32_TOLERANCE
+        for g in (fast, generator):  # a setting changed
+            g.model[5].conv1.ffc.convg2g.fu.fft_norm = "forward"
+        assert (fast(x) - generator(x)).abs().max().item() <= FP32_TOLERANCE
+    with torch.no_grad():  # writes through .data bump no version: refold() says so
+        for g in (fast, generator):
+            g.model[1].ffc.convl2l.weight.data.mul_(1.5)
+    optimize_module.refold(fast)
+    with torch.inference_mode():
+        assert (fast(x) - generator(x)).abs().max().item() <= FP32_TOLERANCE
+
+
+def test_load_state_dict_of_inference_tensors_refolds():
+    with torch.inference_mode():  # inference tensors have no version counter
+        a, b = demo_generator(seed=16, n_blocks=1), demo_generator(seed=17, n_blocks=1)
+        fast = optimize(copy.deepcopy(a))
+        x = _input(1, 32, 32)
+        fast(x)
+        fast.load_state_dict(b.state_dict())
+        assert (fast(x) - b(x)).abs().max().item() <= FP32_TOLERANCE
+
+
+def test_unknown_layout_is_not_refolded_on_every_forward(monkeypatch):
+    generator = demo_generator(seed=18, n_blocks=1)
+    generator.model.insert(7, nn.Identity().eval())
+    fast = _optimized(generator)
+    builds = []
+    original = optimize_module._build_plan
+    monkeypatch.setattr(optimize_module, "_build_plan", lambda *a: builds.append(1) or original(*a))
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            fast(_input(1, 32, 32))
+    assert len(builds) == 1
+
+
+def test_pickle_round_trip(tmp_path, big_lama):
+    fast = _optimized(big_lama)
+    x = _input(1, 32, 32)
+    with torch.inference_mode():
+        out = fast(x)
+    torch.save(fast, tmp_path / "g.pt")
+    loaded = torch.load(tmp_path / "g.pt", weights_only=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), out, atol=0, rtol=0)
+    assert plan_info(loaded)["runs"] == "fp32"
+
+
+@pytest.mark.parametrize("set_with", ["default", "legacy", "matmul_precision", "fp32_precision"])
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_cuda_precision_switches_are_restored(set_with, allow_tf32):
+    """The switches the plan sets around a CUDA forward (exercised without a GPU: they are plain
+    process flags) come back as they were, read through the API that set them, without torch's
+    error for mixed legacy and new APIs."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = torch.get_float32_matmul_precision(), conv.allow_tf32
+    legacy = set_with != "fp32_precision"
+    try:
+        if set_with == "legacy":
+            conv.allow_tf32, matmul.allow_tf32 = False, True
+        elif set_with == "matmul_precision":
+            torch.set_float32_matmul_precision("medium")  # the legacy matmul flag cannot say this
+        elif set_with == "fp32_precision":
+            matmul.fp32_precision, conv.conv.fp32_precision = "tf32", "ieee"
+
+        def state():
+            if legacy:
+                return torch.get_float32_matmul_precision(), conv.allow_tf32
+            return matmul.fp32_precision, conv.conv.fp32_precision
+
+        before = state()
+        with optimize_module._cuda_precision(torch.device("cuda"), allow_tf32):
+            inside = state()
+        assert state() == before
+        if legacy:
+            assert inside == (("high", True) if allow_tf32 else ("highest", False))
+        else:
+            assert inside == (("tf32", "tf32") if allow_tf32 else ("ieee", "ieee"))
+    finally:
+        if not legacy:
+            matmul.fp32_precision, conv.conv.fp32_precision = "none", "none"
+        torch.set_float32_matmul_precision(saved[0])
+        conv.allow_tf32 = saved[1]
+        assert torch.get_float32_matmul_precision() == saved[0]  # the next tests see the default again
+
+
+def test_a_lama_layer_swapped_in_after_optimize_is_planned():
+    generator = demo_generator(seed=19, n_blocks=2)
+    fast = _optimized(generator)
+    x = _input(1, 32, 32)
+    with torch.inference_mode():
+        fast(x)
+        fast.model[6] = copy.deepcopy(demo_generator(seed=20, n_blocks=2).model[6])  # LaMa's own class
+        generator.model[6] = copy.deepcopy(fast.model[6])
+        assert type(fast.model[6]) is reference.FFCResnetBlock
+        assert (fast(x) - generator(x)).abs().max().item() <= FP32_TOLERANCE
+    assert plan_info(fast)["runs"] == "fp32" and plan_info(fast)["why_not"] is None
+
+
 # ------------------------------------------------------------------------------------ CUDA
 
 @pytest.mark.gpu
