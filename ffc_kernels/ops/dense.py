@@ -5,7 +5,7 @@ convolutions; run as torch ops each of those is a pass over the output. On the C
 fused primitives (the ones torch.compile's CPU backend emits) apply them while the output is
 still in cache:
     conv2d(x, w, b) [+ other] [-> ReLU]       ``torch.ops.mkldnn._convolution_pointwise``
-    x @ w.T + b [+ other] [-> ReLU]           ``torch.ops.mkldnn._linear_pointwise``
+    x @ w.T + b [-> ReLU]                     ``torch.ops.mkldnn._linear_pointwise``
 Elsewhere (CUDA, a torch without oneDNN, or under torch.compile) the same math runs as conv2d /
 addmm followed by in-place add and ReLU (cuDNN and cuBLAS fuse the bias).
 
@@ -63,16 +63,11 @@ def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
     return y.relu_() if relu else y
 
 
-def linear(x, weight, bias=None, *, relu=False, add=None):
-    """relu?(x @ weight.T + bias + add?) for a 2-d ``x``; ``weight`` is (out, in)."""
+def linear(x, weight, bias=None, *, relu=False):
+    """relu?(x @ weight.T + bias) for a 2-d ``x``; ``weight`` is (out, in)."""
     if _mkldnn(x):
-        if add is None:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
-        y = torch.ops.mkldnn._linear_pointwise.binary(x, add, weight, bias, "add")
-    elif add is not None:
-        y = torch.addmm(add, x, weight.t()) if bias is None else torch.addmm(add + bias, x, weight.t())
-    else:
-        y = F.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+    y = F.linear(x, weight, bias)
     return y.relu_() if relu else y
 
 
