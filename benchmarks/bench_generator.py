@@ -137,13 +137,15 @@ def setup(results, args, device):
 
 
 def summary(rows, conv) -> str:
-    """The model's ratios next to r: fused vs eager per mode and size, with the accuracy."""
+    """The model's ratios next to r: fused vs eager per mode and size, with the accuracy (the
+    results file may also hold other benchmarks' rows)."""
+    rows = [r for r in rows if r.get("op") == "generator"]
     eager = {(r["size"], r["mode"]): r["median_ms"] for r in rows if r["provider"] == "eager" and r["median_ms"]}
     fp32_eager = {size: ms for (size, mode), ms in eager.items() if mode == "fp32"}
     lines = [f"# r (lone bf16 convolution speedup) = {conv['r']:.2f}; bf16 target min(5, 1.1 r) = "
              f"{min(5, 1.1 * conv['r']):.2f}x"]
     for r in rows:
-        if r["provider"] != "fused" or not r["median_ms"]:
+        if r["provider"] != "fused" or not r["median_ms"] or r.get("max_abs") is None:
             continue
         base = fp32_eager.get(r["size"]) or eager.get((r["size"], r["mode"]))
         lines.append(f"# {r['size']}² {r['mode']}: optimized {r['median_ms']:.0f} ms, {base / r['median_ms']:.2f}x "

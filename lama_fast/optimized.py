@@ -65,6 +65,7 @@ __all__ = ["optimize", "PRECISIONS", "plan_info", "refold"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 _CL = torch.channels_last
+_S2D_MAX_CHANNELS = 4  # output convolutions with at most this many channels run on 2x2 pixel blocks
 _GRAPH_CACHE_SIZE = 2  # input shapes whose CUDA graphs are kept (each holds its activations)
 _SIZES_KEPT = 4  # input sizes whose size-dependent spectral weights are kept
 
@@ -165,6 +166,26 @@ def _cuda_precision(device: torch.device, allow_tf32: bool):
             switch.set(value)
 
 
+@torch.library.custom_op("lama_fast::conv_at_precision", mutates_args=(), schema=(
+    "(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, bool transposed, "
+    "int[] output_padding, bool allow_tf32) -> Tensor"))
+def _conv_at_precision(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+                       padding: list[int], dilation: list[int], transposed: bool, output_padding: list[int],
+                       allow_tf32: bool) -> torch.Tensor:
+    """A CUDA convolution at the plan's fp32 precision whatever torch's switches say: under
+    ``torch.compile`` the forward is traced and ``_cuda_precision`` does not run, so the
+    convolutions that depend on it are this op, which sets the switches around itself."""
+    with _cuda_precision(x.device, allow_tf32):
+        return _conv_fake(x, weight, bias, stride, padding, dilation, transposed, output_padding, allow_tf32)
+
+
+@_conv_at_precision.register_fake
+def _conv_fake(x, weight, bias, stride, padding, dilation, transposed, output_padding, allow_tf32):
+    if transposed:
+        return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, 1, dilation)
+    return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+
 # ------------------------------------------------------------------------------ the plan
 
 @dataclasses.dataclass
@@ -181,6 +202,7 @@ class _Conv:
     transposed: bool = False
     output_padding: tuple = (0, 0)
     s2d: tuple | None = None  # dense.space_to_depth_weight(weight, bias), for few output channels
+    cuda_tf32: bool | None = None  # fp32 on CUDA: the TF32 setting it must run with (see _conv_at_precision)
 
     def prepad(self, x):
         """x padded for this convolution when the whole plane is padded (see dense.prepad), else None."""
@@ -188,6 +210,14 @@ class _Conv:
 
     def __call__(self, x, add=None, relu=None, padded=None):
         relu = self.relu if relu is None else relu
+        if self.cuda_tf32 is not None and torch.compiler.is_compiling():
+            if self.reflect:
+                x = F.pad(x, (self.reflect,) * 4, mode="reflect")
+            y = _conv_at_precision(x, self.weight, self.bias, list(self.stride), list(self.padding),
+                                   list(self.dilation), self.transposed, list(self.output_padding), self.cuda_tf32)
+            if add is not None:
+                y = y + add
+            return y.relu() if relu else y
         if self.transposed:
             y = F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding,
                                    1, self.dilation)
@@ -508,7 +538,7 @@ def _build_plan(generator: nn.Module, precision: _Precision, device: torch.devic
                 i += relu
                 weight, bias = _weight(m.weight, dtype, device), _bias(m.bias, dtype, device)
                 # LaMa's output convolution (3 channels) runs faster on 2x2 pixel blocks.
-                s2d = dense.space_to_depth_weight(weight, bias) if m.out_channels <= 4 else None
+                s2d = dense.space_to_depth_weight(weight, bias) if m.out_channels <= _S2D_MAX_CHANNELS else None
                 steps.append(_Single(_Conv(weight, bias, relu=relu, s2d=s2d, **geometry)))
                 out_channels = m.out_channels
             elif isinstance(m, (nn.Sigmoid, nn.Tanh)):
@@ -518,7 +548,22 @@ def _build_plan(generator: nn.Module, precision: _Precision, device: torch.devic
             i += 1
     if in_channels is None or out_channels is None or reflect:
         raise _NotLaMa("no stem or no output convolution")
+    if device.type == "cuda" and dtype == torch.float32:
+        for conv in _convs(steps):
+            conv.cuda_tf32 = precision.allow_tf32
     return _Plan(steps, activation, precision, backend, device, in_channels, out_channels)
+
+
+def _convs(node):
+    """Every _Conv in a plan's steps."""
+    if isinstance(node, _Conv):
+        yield node
+    elif isinstance(node, (list, tuple)):
+        for item in node:
+            yield from _convs(item)
+    elif dataclasses.is_dataclass(node):
+        for field in dataclasses.fields(node):
+            yield from _convs(getattr(node, field.name))
 
 
 # ------------------------------------------------------------------------------ the module

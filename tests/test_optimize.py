@@ -361,6 +361,42 @@ def test_torch_compile_fullgraph(big_lama):
         torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
 
 
+def test_torch_compile_traces_the_precision_pinned_convolutions(monkeypatch):
+    """On CUDA in fp32 the compiled forward's convolutions are lama_fast::conv_at_precision, which
+    sets cuDNN's TF32 switch itself (the eager forward's switches are not traced). Forced here on
+    the CPU: the op, its fake implementation (plain, reflect-padded and transposed convolutions)
+    and the trace without breaks; the result equals the eager plan's."""
+    fast = _optimized(demo_generator(seed=9, n_blocks=1))
+    x = _input(1, 32, 40)
+    with torch.inference_mode():
+        eager = fast(x)
+        convs = list(optimize_module._convs(fast._lama_fast.plan.steps))
+        assert any(c.transposed for c in convs) and any(c.reflect for c in convs)
+        for conv in convs:
+            conv.cuda_tf32 = False
+        calls = []
+        original = optimize_module._conv_fake
+
+        def counted(*args):
+            calls.append(args[6])
+            return original(*args)
+
+        monkeypatch.setattr(optimize_module, "_conv_fake", counted)
+        compiled = torch.compile(fast, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
+    assert len(calls) >= len(convs) and True in calls and False in calls
+
+
+def _exact_cuda_reference(module, x):
+    """LaMa's generator on CUDA with TF32 off (cuDNN's default is TF32 on)."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        return module(x)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_triton_path_under_the_interpreter(monkeypatch, precision):
     """A reduced generator (ngf 8, one block) with the Triton fused ops forced, in Triton's interpreter."""
@@ -559,10 +595,10 @@ def test_cuda_graphs_replay_new_inputs_and_recapture_after_new_weights():
     xs = [_input(1, 64, 64, seed=s).cuda() for s in range(4)]
     with torch.inference_mode():
         for x in xs:
-            assert (fast(x) - a(x)).abs().max().item() <= FP32_TOLERANCE
+            assert (fast(x) - _exact_cuda_reference(a, x)).abs().max().item() <= FP32_TOLERANCE
         fast.load_state_dict(b.state_dict())
         for x in xs:
-            assert (fast(x) - b(x)).abs().max().item() <= FP32_TOLERANCE
+            assert (fast(x) - _exact_cuda_reference(b, x)).abs().max().item() <= FP32_TOLERANCE
 
 
 @pytest.mark.gpu

@@ -54,3 +54,23 @@ def test_generator_table_has_ratios_accuracy_and_r(report, tmp_path):
     assert value["PSNR dB"] == "45.1" and value["SNR dB"] == "32.9" and value["max abs err"] == "5.0e-02"
     assert "1.50x" in fp32
     assert "r = 2.00" in text and "2.20x" in text  # the bf16 target 1.1 r next to the table
+
+
+def test_generator_summary_ignores_other_benchmarks_rows():
+    """run_gpu.py writes every benchmark into one results file: the generator's summary must read
+    only its own rows (other ops' fused rows have no accuracy columns)."""
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_generator_mod", ROOT / "benchmarks" / "bench_generator.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    other = _row("fused", "fp32", 1.0)
+    other["op"] = "spectral_mix"
+    rows = [other, _row("eager", "fp32", 3000.0), _row("fused", "fp32", 2000.0, max_abs=1.5e-5, psnr_db=121.0,
+                                                       snr_db=109.0)]
+    text = module.summary(rows, {"r": 2.0})
+    assert "512² fp32: optimized 2000 ms, 1.50x" in text
+    assert text.count("optimized") == 1
