@@ -5,9 +5,11 @@
 For each precision, on big-lama's seeded demo generator at one size (one call of a few minutes):
 
 1. end to end, CUDA-graph replay (``triton.testing.do_bench`` medians): LaMa's eager generator (TF32
-   as in bench_generator.py, IEEE for fp32), the optimized plan, and two plan variants: reflection
-   padding of whole planes instead of border recomputation (``dense.FIXUP_MIN_PIXELS``), and the
-   output convolution without its 2x2-block form (``optimized._S2D_MAX_CHANNELS``);
+   as in bench_generator.py, IEEE for fp32), the optimized plan, and three plan variants: reflection
+   padding of whole planes instead of border recomputation (``dense.FIXUP_MIN_PIXELS``), the
+   output convolution without its 2x2-block form (``optimized._S2D_MAX_CHANNELS``), and the
+   residual blocks' three exchange convolutions run separately with border recomputation
+   (``optimized._MERGED_EXCHANGE = False``, the CPU's bf16 form);
 2. the plan step by step (stem, downsampling, each residual block, upsampling, output), each
    timed alone on its real input;
 3. every convolution outside the residual blocks timed three ways on its real input: as the plan
@@ -61,11 +63,13 @@ def end_to_end(generator, x, precision: str) -> dict:
         "plan": {},
         "whole_plane_reflect_pad": {"fixup": 1 << 62},
         "no_s2d_output_conv": {"s2d": 0},
+        "separate_exchange": {"merged": False},
     }
     for name, knobs in variants.items():
-        saved = dense.FIXUP_MIN_PIXELS, optimized._S2D_MAX_CHANNELS
+        saved = dense.FIXUP_MIN_PIXELS, optimized._S2D_MAX_CHANNELS, optimized._MERGED_EXCHANGE
         dense.FIXUP_MIN_PIXELS = knobs.get("fixup", saved[0])
         optimized._S2D_MAX_CHANNELS = knobs.get("s2d", saved[1])
+        optimized._MERGED_EXCHANGE = knobs.get("merged", saved[2])
         try:
             fast = lama_fast.optimize(copy.deepcopy(generator), precision=precision)
             for _ in range(3):  # warm-up, capture, replay
@@ -76,7 +80,7 @@ def end_to_end(generator, x, precision: str) -> dict:
                 out[f"{name}_ms"] = None
                 out[f"{name}_why"] = info["why_not"]
         finally:
-            dense.FIXUP_MIN_PIXELS, optimized._S2D_MAX_CHANNELS = saved
+            dense.FIXUP_MIN_PIXELS, optimized._S2D_MAX_CHANNELS, optimized._MERGED_EXCHANGE = saved
         fast = None
         torch.cuda.empty_cache()
     return out

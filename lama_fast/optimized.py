@@ -14,12 +14,15 @@ Inside, one plan runs the whole network:
   ``convl2l(x_l) + convg2l(x_g)`` and ``convl2g(x_l)`` are, in fp32 on the CPU, two Winograd
   F(4x4, 3x3) convolutions sharing one input transform of [x_l | x_g] padded in one pass
   (``ops.winograd``: 4x fewer multiplications than oneDNN's direct convolution, which already runs
-  near the CPU's fp32 peak), elsewhere oneDNN/cuDNN convolutions with the sum and ReLU fused.
+  near the CPU's fp32 peak); on CUDA one convolution of [x_l | x_g] padded in one pass (the
+  weights [convl2l | convg2l] side by side) and convl2g on its x_l channels; in bf16 on the CPU
+  oneDNN convolutions with the sum and ReLU fused.
   ``convl2g(x_l)``, with conv2's bias and bn_g's shift in its bias, is added to the
   SpectralTransform's conv2 in that convolution's epilogue (``ops.spectral_transform``); on CUDA
   with Triton the global branch runs the fused ops (``pointwise_conv``, ``fourier_unit``);
 - no reflection-pad pass at full resolution: the padding is recomputed from thin border strips
-  (``dense.reflect_conv2d``), and LaMa's 3-channel output convolution runs on 2x2 pixel blocks;
+  (``dense.reflect_conv2d``), and LaMa's 3-channel output convolution runs on 2x2 pixel blocks
+  (on CUDA the 1/8-resolution blocks pad instead: there each strip costs a few kernel launches);
 - the residual adds are in place.
 
 Precision is the module's own setting, never read from or written to torch's global flags
@@ -37,7 +40,9 @@ the generator's own forward (its FFC modules converted to the fused twins).
 
 CUDA: after one warm-up per input shape the forward is captured in a CUDA graph and replayed
 (``cuda_graphs=True``, the default). Under ``torch.compile`` the plan is traced as it is (no
-graph breaks: the checks above run only outside compilation, so refold before compiling).
+graph breaks: the checks above run only outside compilation, so refold before compiling); its
+fp32 and TF32 CUDA convolutions are then the op ``lama_fast::conv_at_precision``, which sets
+cuDNN's TF32 switch around itself, so the compiled module keeps its precision too.
 """
 from __future__ import annotations
 
@@ -66,6 +71,9 @@ __all__ = ["optimize", "PRECISIONS", "plan_info", "refold"]
 PRECISIONS = ("fp32", "tf32", "bf16")
 _CL = torch.channels_last
 _S2D_MAX_CHANNELS = 4  # output convolutions with at most this many channels run on 2x2 pixel blocks
+# The residual blocks' exchange as one convolution of the reflect-padded [x_l | x_g] (+ convl2g on
+# its x_l channels): None = on CUDA, where border recomputation costs ~100 tiny kernels per block.
+_MERGED_EXCHANGE: bool | None = None
 _GRAPH_CACHE_SIZE = 2  # input shapes whose CUDA graphs are kept (each holds its activations)
 _SIZES_KEPT = 4  # input sizes whose size-dependent spectral weights are kept
 
@@ -211,7 +219,9 @@ class _Conv:
     def __call__(self, x, add=None, relu=None, padded=None):
         relu = self.relu if relu is None else relu
         if self.cuda_tf32 is not None and torch.compiler.is_compiling():
-            if self.reflect:
+            if padded is not None:
+                x = padded
+            elif self.reflect:
                 x = F.pad(x, (self.reflect,) * 4, mode="reflect")
             y = _conv_at_precision(x, self.weight, self.bias, list(self.stride), list(self.padding),
                                    list(self.dilation), self.transposed, list(self.output_padding), self.cuda_tf32)
@@ -245,8 +255,8 @@ class _LocalFFC:
 class _SpectralFFC:
     """A residual block's FFC_BN_ACT: (l, g) -> (act(bn_l(l2l(l) + g2l(g))), act(bn_g(l2g(l) + g2g(g))))."""
 
-    l2l: _Conv | None   # no bias, no ReLU (None where winograd runs the exchange)
-    g2l: _Conv | None   # bn_l's shift as bias; act_l after the sum with l2l
+    l2l: _Conv | None   # no bias, no ReLU (None where winograd or the merged exchange runs)
+    g2l: _Conv | None   # bn_l's shift as bias; act_l after the sum with l2l (merged: [l2l | g2l])
     l2g: _Conv | None   # bias: conv2's, convl2g's and bn_g's shift
     relu_l: bool
     relu_g: bool
@@ -257,6 +267,8 @@ class _SpectralFFC:
     # fp32 on the CPU: (U of [l2l | g2l], U of l2g, their biases) for ops.winograd, 3x3 with reflect
     # padding 1; the direct convolutions' weights are then not kept.
     winograd: tuple | None = None
+    # The merged exchange (CUDA): g2l's weight is [l2l | g2l] over the padded [x_l | x_g].
+    merged: bool = False
     gemm: OrderedDict = dataclasses.field(default_factory=OrderedDict)  # (H, W) -> operands, a few sizes
 
     def __call__(self, state, plan):
@@ -266,6 +278,15 @@ class _SpectralFFC:
             u_local, u_l2g, b_local, b_l2g = self.winograd
             y_l, y_g = winograd_conv2d(padded, [(u_local, padded.shape[1], b_local), (u_l2g, x_l.shape[1], b_l2g)],
                                        relu=[self.relu_l, False])
+        elif self.merged:
+            # One pass pads both halves; [l2l | g2l] is one convolution, l2g reads the x_l channels.
+            if self.g2l.reflect:
+                padded = dense.reflect_pad_cat((x_l, x_g), self.g2l.reflect)
+                y_l = self.g2l(x_l, padded=padded, relu=self.relu_l)
+                y_g = self.l2g(x_l, padded=padded[:, :x_l.shape[1]])
+            else:
+                y_l = self.g2l(torch.cat((x_l, x_g), dim=1), relu=self.relu_l)
+                y_g = self.l2g(x_l)
         else:
             padded_l = self.l2l.prepad(x_l)  # l2l and l2g read x_l with the same geometry
             y_l = self.g2l(x_g, add=self.l2l(x_l, padded=padded_l), relu=self.relu_l)
@@ -455,13 +476,18 @@ def _build_spectral_ffc(m, dtype, device, fused: bool, winograd: bool) -> _Spect
         f32 = dict(dtype=torch.float32, device=device)
         fused_weights = (w1.to(**f32), b1.to(**f32), pack_weight(w_fu.to(**f32)), pack_bias(b_fu.to(**f32)),
                          w2.to(**f32))
-    use_winograd = (winograd and ffc.convl2l.kernel_size == (3, 3) and geometry["dilation"] == (1, 1)
+    use_winograd = (winograd and _MERGED_EXCHANGE is not True and ffc.convl2l.kernel_size == (3, 3) and geometry["dilation"] == (1, 1)
                     and geometry["reflect"] == 1 and geometry["padding"] == (0, 0))
     exchange = dict(l2l=None, g2l=None, l2g=None, winograd=None)
     if use_winograd:
         exchange["winograd"] = (winograd_weight(torch.cat([w_ll, w_gl], dim=1)).to(device),
                                 winograd_weight(w_l2g).to(device), _bias(b_gl, dtype, device),
                                 _bias(b_l2g, dtype, device))
+    elif _MERGED_EXCHANGE if _MERGED_EXCHANGE is not None else device.type == "cuda":
+        exchange.update(g2l=_Conv(_weight(torch.cat([w_ll, w_gl], dim=1), dtype, device), _bias(b_gl, dtype, device),
+                                  **geometry),
+                        l2g=_Conv(_weight(w_l2g, dtype, device), _bias(b_l2g, dtype, device), **geometry),
+                        merged=True)
     else:
         exchange.update(l2l=_Conv(_weight(w_ll, dtype, device), None, **geometry),
                         g2l=_Conv(_weight(w_gl, dtype, device), _bias(b_gl, dtype, device), **geometry),

@@ -361,11 +361,15 @@ def test_torch_compile_fullgraph(big_lama):
         torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
 
 
-def test_torch_compile_traces_the_precision_pinned_convolutions(monkeypatch):
+@pytest.mark.parametrize("merged", [False, True], ids=["winograd", "merged"])
+def test_torch_compile_traces_the_precision_pinned_convolutions(monkeypatch, merged):
     """On CUDA in fp32 the compiled forward's convolutions are lama_fast::conv_at_precision, which
     sets cuDNN's TF32 switch itself (the eager forward's switches are not traced). Forced here on
-    the CPU: the op, its fake implementation (plain, reflect-padded and transposed convolutions)
-    and the trace without breaks; the result equals the eager plan's."""
+    the CPU: the op, its fake implementation (plain, reflect-padded and transposed convolutions,
+    and the blocks' merged exchange as CUDA runs it) and the trace without breaks; the result
+    equals the eager plan's."""
+    if merged:
+        monkeypatch.setattr(optimize_module, "_MERGED_EXCHANGE", True)
     fast = _optimized(demo_generator(seed=9, n_blocks=1))
     x = _input(1, 32, 40)
     with torch.inference_mode():
@@ -385,6 +389,30 @@ def test_torch_compile_traces_the_precision_pinned_convolutions(monkeypatch):
         compiled = torch.compile(fast, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
     assert len(calls) >= len(convs) and True in calls and False in calls
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "zeros"])
+def test_merged_exchange_matches_reference(monkeypatch, padding_mode):
+    """The residual blocks' exchange as CUDA runs it (one convolution of the padded [x_l | x_g],
+    convl2g on its x_l channels), forced on the CPU: within fp32 tolerance of LaMa, with the
+    blocks' reflection padding and with zero padding."""
+    monkeypatch.setattr(optimize_module, "_MERGED_EXCHANGE", True)
+    generator = demo_generator(seed=21, n_blocks=2)
+    if padding_mode == "zeros":
+        for block in generator.model:
+            if type(block).__name__.endswith("FFCResnetBlock"):
+                for conv in block.modules():
+                    if isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3):
+                        conv.padding_mode = "zeros"
+    fast = _optimized(generator)
+    x = _input(1, 136, 144)  # a 1/8-resolution plane of 17 x 18
+    with torch.inference_mode():
+        ref, out = generator(x), fast(x)
+    blocks = [s for s in fast._lama_fast.plan.steps if isinstance(s, optimize_module._ResidualBlock)]
+    assert blocks and all(f.merged and f.l2l is None and f.winograd is None
+                          for b in blocks for f in (b.conv1, b.conv2))
+    assert all(b.conv1.g2l.reflect == (1 if padding_mode == "reflect" else 0) for b in blocks)
+    assert (out - ref).abs().max().item() <= FP32_TOLERANCE
 
 
 def _exact_cuda_reference(module, x):
