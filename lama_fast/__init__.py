@@ -9,7 +9,8 @@ Public API:
 """
 from lama_fast.checkpoints import CheckpointError, load_generator
 from lama_fast.generator import GENERATOR_CONFIGS, build_generator
+from lama_fast.memory import estimate_memory
 from lama_fast.optimized import optimize
 from lama_fast.pipeline import inpaint
 
-__all__ = ["CheckpointError", "GENERATOR_CONFIGS", "build_generator", "load_generator", "optimize", "inpaint"]
+__all__ = ["CheckpointError", "GENERATOR_CONFIGS", "build_generator", "estimate_memory", "load_generator", "optimize", "inpaint"]

@@ -1,7 +1,7 @@
 """``lama-fast``: inpaint images with a LaMa checkpoint, verify the fused path, find the benchmarks.
 
     lama-fast inpaint IMAGE MASK -o OUT --checkpoint PATH [--device cpu|cuda] [--reference]
-                      [--precision fp32|tf32|bf16] [--threads N]
+                      [--precision fp32|tf32|bf16] [--tile-size N|auto|off] [--threads N]
     lama-fast verify [--size 256] [--device cpu|cuda] [--blocks N] [--seed 0] [--save DIR]
     lama-fast bench
     lama-fast download [big-lama] [--to DIR]
@@ -122,6 +122,10 @@ def _build_parser() -> argparse.ArgumentParser:
                           "cores on a GPU (fp32 on the CPU); bf16 runs weights, activations and products in bf16 "
                           "with fp32 accumulation and fp32 FFTs (LaMa's own FourierUnit cannot run in bf16)")
     run.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="the same as --precision (older name)")
+    run.add_argument("--tile-size", type=_tile_size, default="auto", metavar="N|auto|off",
+                     help="run the full-resolution layers in N x N tiles (less memory, same result up to rounding); "
+                          "auto (default): tile only when the estimated memory exceeds what the device has free; "
+                          "off: never tile")
     run.add_argument("--threads", type=_int_at_least(1), metavar="N",
                      help="CPU threads torch uses (torch.set_num_threads; default: torch's own choice)")
     run.set_defaults(run=_run_inpaint)
@@ -155,6 +159,19 @@ def _build_parser() -> argparse.ArgumentParser:
                             "set by $LAMA_FAST_CACHE, else $XDG_CACHE_HOME/lama-fast, else ~/.cache/lama-fast)")
     fetch.set_defaults(run=_run_download)
     return parser
+
+
+def _tile_size(text: str):
+    """--tile-size: 'auto', 'off' (None) or a whole number of pixels, at least 16."""
+    if text in ("auto", "off"):
+        return None if text == "off" else "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels, auto or off, got {text!r}") from None
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"tiles need at least 16 pixels a side, got {value}")
+    return value
 
 
 def _int_at_least(minimum: int):
@@ -211,6 +228,9 @@ def _run_inpaint(args) -> int:
     if args.reference and precision != "fp32":
         raise CLIError(f"--precision {precision} needs the optimized generator: the reference runs LaMa's own "
                        "modules in fp32; drop --reference")
+    if args.reference and isinstance(args.tile_size, int):
+        raise CLIError(f"--tile-size {args.tile_size} needs the optimized generator: the reference runs LaMa's own "
+                       "modules whole; drop --reference")
     device = _device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -221,7 +241,7 @@ def _run_inpaint(args) -> int:
             generator = optimize(generator, precision=precision)
 
     if image.is_dir():
-        failed = _inpaint_directory(jobs, generator, device)
+        failed = _inpaint_directory(jobs, generator, device, args.tile_size)
         written = len(jobs) - failed
         if failed or unmatched:
             _error(f"wrote {written} of {len(jobs) + len(unmatched)} images to {output}; "
@@ -229,12 +249,12 @@ def _run_inpaint(args) -> int:
             return 1
         print(f"{PROG}: wrote {written} images to {output} {_resources(start, device)}", file=sys.stderr)
     else:
-        _inpaint_file(*jobs[0], generator, device)
+        _inpaint_file(*jobs[0], generator, device, args.tile_size)
         print(f"{PROG}: wrote {jobs[0][2]} {_resources(start, device)}", file=sys.stderr)
     return 0
 
 
-def _inpaint_directory(jobs, generator, device) -> int:
+def _inpaint_directory(jobs, generator, device, tile_size="auto") -> int:
     """Inpaint every (image, mask, output) job under one progress bar; returns how many failed.
 
     A failing image is reported as one error line and the others go on.
@@ -245,9 +265,9 @@ def _inpaint_directory(jobs, generator, device) -> int:
             bar.set_postfix_str(image_path.name)
             try:
                 with _warnings_as_lines(f"{image_path.name}: "):
-                    for _ in _steps(image_path, mask_path, out_path, generator, device):
+                    for _ in _steps(image_path, mask_path, out_path, generator, device, tile_size):
                         pass
-            except (CLIError, ValueError, TypeError, OSError, RuntimeError) as error:
+            except (CLIError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as error:
                 failed += 1
                 _print_line(f"{PROG}: error: {_job_error(error, image_path)}")
             bar.update(1)
@@ -257,7 +277,7 @@ def _inpaint_directory(jobs, generator, device) -> int:
 _STEPS = ("reading", "inpainting", "writing")
 
 
-def _inpaint_file(image_path, mask_path, out_path, generator, device) -> None:
+def _inpaint_file(image_path, mask_path, out_path, generator, device, tile_size="auto") -> None:
     """Inpaint one image, its steps shown as a bar on a terminal; failures raise one-line CLIErrors.
 
     Not on a terminal (a log, a pipe) the bar is left out: three redraws of one image say nothing
@@ -267,20 +287,20 @@ def _inpaint_file(image_path, mask_path, out_path, generator, device) -> None:
                     bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]")
     try:
         with _warnings_as_lines():
-            for step in _steps(image_path, mask_path, out_path, generator, device):
+            for step in _steps(image_path, mask_path, out_path, generator, device, tile_size):
                 if step != _STEPS[0]:
                     bar.update(1)  # the previous step is done
                 bar.set_postfix_str(step)
             bar.set_postfix_str("done")
             bar.update(1)
-    except (CLIError, ValueError, TypeError, OSError, RuntimeError) as error:
+    except (CLIError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as error:
         bar.leave = False  # the error line replaces the bar
         raise CLIError(_job_error(error, image_path)) from error
     finally:
         bar.close()
 
 
-def _steps(image_path, mask_path, out_path, generator, device):
+def _steps(image_path, mask_path, out_path, generator, device, tile_size="auto"):
     """Inpaint one image, yielding the name of each of _STEPS as it begins."""
     yield _STEPS[0]
     image_in, mask_in = _read_image(image_path), _read_image(mask_path)
@@ -288,7 +308,7 @@ def _steps(image_path, mask_path, out_path, generator, device):
         raise CLIError(f"{image_path.name} is {image_in.height}x{image_in.width} (HxW); "
                        f"LaMa needs at least {MIN_SIDE} pixels a side")
     yield _STEPS[1]
-    result = inpaint(image_in, mask_in, generator, device=device)
+    result = inpaint(image_in, mask_in, generator, device=device, tile_size=tile_size)
     yield _STEPS[2]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     PIL.Image.fromarray(result).save(out_path, format="PNG")

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections import OrderedDict
 
 import torch
@@ -65,6 +66,7 @@ from ffc_kernels.ops.pointwise_conv import pointwise_conv
 from ffc_kernels.ops.spectral_mix import pack_bias, pack_weight
 from ffc_kernels.ops.spectral_transform import spectral_gemm_weights, spectral_transform_nhwc
 from ffc_kernels.ops.winograd import winograd_conv2d, winograd_weight
+from lama_fast import tiling
 
 __all__ = ["optimize", "PRECISIONS", "plan_info", "refold"]
 
@@ -212,6 +214,32 @@ class _Conv:
     s2d: tuple | None = None  # dense.space_to_depth_weight(weight, bias), for few output channels
     cuda_tf32: bool | None = None  # fp32 on CUDA: the TF32 setting it must run with (see _conv_at_precision)
 
+    def unpadded(self, x):
+        """This convolution on ``x`` as given, with no padding of its own (a tile padded by the caller)."""
+        if self.cuda_tf32 is not None and torch.compiler.is_compiling():
+            y = _conv_at_precision(x, self.weight, self.bias, list(self.stride), [0, 0], list(self.dilation),
+                                   self.transposed, [0, 0], self.cuda_tf32)
+        elif self.transposed:
+            y = F.conv_transpose2d(x, self.weight, self.bias, self.stride, 0, 0, 1, self.dilation)
+        else:
+            return dense.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, relu=self.relu)
+        return y.relu() if self.relu else y
+
+    def tile_layer(self, run=None) -> tiling.Layer | None:
+        """This convolution as a step of a tiled chain (None when its geometry is not square)."""
+        (kh, kw), (sh, sw), (dh, dw) = self.weight.shape[-2:], self.stride, self.dilation
+        ph, pw = self.padding
+        if kh != kw or sh != sw or dh != dw or ph != pw or (self.reflect and ph):
+            return None
+        extent = (kh - 1) * dh + 1
+        if self.transposed:
+            oph, opw = self.output_padding
+            if dh != 1 or oph != opw:
+                return None
+            return tiling.Layer(extent, sh, ph, "transposed", run or self.unpadded, output_padding=oph)
+        mode, pad = ("reflect", self.reflect) if self.reflect else ("zeros", ph)
+        return tiling.Layer(extent, sh, pad, mode, run or self.unpadded)
+
     def prepad(self, x):
         """x padded for this convolution when the whole plane is padded (see dense.prepad), else None."""
         return dense.prepad(x, self.reflect, (self.weight.shape[-1] - 1) * max(self.dilation) + 1)
@@ -249,6 +277,12 @@ class _LocalFFC:
         x = state[0] if state[1] is None else torch.cat(state, dim=1)
         padded = (self.local or self.to_global).prepad(x)  # both convolutions have the same geometry
         return tuple(None if c is None else c(x, padded=padded) for c in (self.local, self.to_global))
+
+    def tile_layer(self) -> tiling.Layer | None:
+        def run(t):
+            return tuple(None if c is None else c.unpadded(t) for c in (self.local, self.to_global))
+
+        return (self.local or self.to_global).tile_layer(run)
 
 
 @dataclasses.dataclass
@@ -340,6 +374,9 @@ class _Single:
     def __call__(self, state, plan):
         return self.conv(state[0]), None
 
+    def tile_layer(self) -> tiling.Layer | None:
+        return self.conv.tile_layer()
+
 
 @dataclasses.dataclass
 class _Plan:
@@ -351,17 +388,81 @@ class _Plan:
     in_channels: int
     out_channels: int
 
-    def run(self, x):
+    def run(self, x, tile_size: int | None = None):
         state = (x.to(self.precision.dtype), None)
+        if tile_size:
+            return self._run_tiled(state[0], tile_size)
         for step in self.steps:
             state = step(state, self)
         y = state[0]
         out = torch.empty(y.shape, dtype=torch.float32, device=y.device)  # NCHW, written by the last op
+        return self._activation(y, out)
+
+    def _activation(self, y, out):
         if self.activation == "sigmoid":
             return torch.sigmoid(y, out=out) if y.dtype == out.dtype else out.copy_(y).sigmoid_()
         if self.activation == "tanh":
             return torch.tanh(y, out=out) if y.dtype == out.dtype else out.copy_(y).tanh_()
         return out.copy_(y)
+
+    def tiled_stages(self):
+        """(head, middle, tail): the leading and trailing local steps, which run in tiles, and the
+        steps between them (the residual blocks, global), which run whole."""
+        i = 0
+        while i < len(self.steps) and isinstance(self.steps[i], (_LocalFFC, _Single)):
+            i += 1
+        j = len(self.steps)
+        while j > i and isinstance(self.steps[j - 1], _Single):
+            j -= 1
+        return self.steps[:i], self.steps[i:j], self.steps[j:]
+
+    def _run_tiled(self, x, tile_size: int):
+        """``run`` with the full-resolution stages in tiles of about ``tile_size`` output pixels a side."""
+        head, middle, tail = self.tiled_stages()
+        state = (x, None)
+        head_layers = [s.tile_layer() for s in head]
+        if head and all(head_layers) and not any(tiling.check(head_layers, n) for n in x.shape[-2:]):
+            stride = math.prod(layer.stride for layer in head_layers)
+            outs = {}
+
+            def write_head(parts, rows, cols):
+                for k, part in enumerate(parts if isinstance(parts, tuple) else (parts,)):
+                    if part is None:
+                        continue
+                    if k not in outs:
+                        size = [layer_size(head_layers, n) for n in x.shape[-2:]]
+                        outs[k] = torch.empty(x.shape[0], part.shape[1], *size, dtype=part.dtype,
+                                              device=part.device, memory_format=_CL)
+                    outs[k][:, :, rows[0]:rows[1], cols[0]:cols[1]] = part
+
+            tiling.run_chain(head_layers, x, max(1, tile_size // stride), write_head)
+            state = (outs.get(0), outs.get(1))
+            if state[0] is None:
+                state = (state[1], None)
+        else:
+            middle = head + middle
+        for step in middle:
+            state = step(state, self)
+        y = state[0] if state[1] is None else torch.cat(state, dim=1)
+        tail_layers = [s.tile_layer() for s in tail]
+        if not tail or not all(tail_layers) or any(tiling.check(tail_layers, n) for n in y.shape[-2:]):
+            for step in tail:
+                y = step((y, None), self)[0]
+            return self._activation(y, torch.empty(y.shape, dtype=torch.float32, device=y.device))
+        size = [layer_size(tail_layers, n) for n in y.shape[-2:]]
+        out = torch.empty(y.shape[0], self.out_channels, *size, dtype=torch.float32, device=y.device)
+
+        def write_tail(part, rows, cols):
+            self._activation(part, out[:, :, rows[0]:rows[1], cols[0]:cols[1]])
+
+        tiling.run_chain(tail_layers, y, tile_size, write_tail)
+        return out
+
+
+def layer_size(layers, n: int) -> int:
+    for layer in layers:
+        n = layer.out_size(n)
+    return n
 
 
 # ------------------------------------------------------------------------------ building
@@ -629,9 +730,10 @@ def _signature(generator: nn.Module):
 class _Optimized:
     """The state ``optimize`` attaches to a generator: settings, the plan, the CUDA graphs."""
 
-    def __init__(self, precision: str, cuda_graphs: bool):
+    def __init__(self, precision: str, cuda_graphs: bool, tile_size: int | None = None):
         self.requested = precision
         self.cuda_graphs = cuda_graphs
+        self.tile_size = tile_size
         self.plan = None
         self.signature = None
         self.why_not = None  # why the plan does not run (the generator's own forward does)
@@ -669,30 +771,30 @@ class _Optimized:
         self.graphs.clear()
 
     def __getstate__(self):  # copies and pickles keep the settings and fold again when first run
-        return {"requested": self.requested, "cuda_graphs": self.cuda_graphs}
+        return {"requested": self.requested, "cuda_graphs": self.cuda_graphs, "tile_size": self.tile_size}
 
     def __setstate__(self, state):
-        self.__init__(state["requested"], state["cuda_graphs"])
+        self.__init__(state["requested"], state["cuda_graphs"], state.get("tile_size"))
 
     def run_graphed(self, plan, x):
         """Replay a CUDA graph of ``plan.run`` for x's shape, capturing it on the second call."""
-        key = (tuple(x.shape), x.dtype)
+        key = (tuple(x.shape), x.dtype, self.tile_size)
         entry = self.graphs.get(key)
         if entry is None:  # first call at this shape: warm up (Triton compiles, cuDNN picks algorithms)
             self.graphs[key] = "warm"
             while len(self.graphs) > _GRAPH_CACHE_SIZE:
                 self.graphs.popitem(last=False)
-            return plan.run(x)
+            return plan.run(x, self.tile_size)
         if entry == "warm":
             static_in = x.clone()
             stream = torch.cuda.Stream(x.device)
             stream.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(stream):
-                plan.run(static_in)
+                plan.run(static_in, self.tile_size)
             torch.cuda.current_stream(x.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.device(x.device), torch.cuda.graph(graph):  # captures on the current device
-                static_out = plan.run(static_in)
+                static_out = plan.run(static_in, self.tile_size)
             entry = self.graphs[key] = (graph, static_in, static_out)
         self.graphs.move_to_end(key)
         graph, static_in, static_out = entry
@@ -719,7 +821,7 @@ def _optimized_forward(self, x):
         plan = state.plan
         if plan is None:
             return original(self, x)
-        return plan.run(_check_input(plan, x))
+        return plan.run(_check_input(plan, x), state.tile_size)
     if self.training or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
         return original(self, x)
     if not torch.is_tensor(x):
@@ -731,7 +833,7 @@ def _optimized_forward(self, x):
     with _cuda_precision(plan.device, plan.precision.allow_tf32):
         if (state.cuda_graphs and plan.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()):
             return state.run_graphed(plan, x)
-        return plan.run(x)
+        return plan.run(x, state.tile_size)
 
 
 def _check_input(plan: _Plan, x):
@@ -745,11 +847,17 @@ def _check_input(plan: _Plan, x):
     return x
 
 
-def optimize(generator: nn.Module, *, precision: str = "fp32", cuda_graphs: bool = True) -> nn.Module:
+def optimize(generator: nn.Module, *, precision: str = "fp32", cuda_graphs: bool = True,
+             tile_size: int | None = None) -> nn.Module:
     """Convert a LaMa generator in place into a fast inference module; returns it.
 
     ``precision``: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (see the module docstring).
     ``cuda_graphs``: replay the CUDA forward from a graph captured per input shape.
+    ``tile_size``: run the full-resolution stages (stem, downsampling, upsampling, output
+    convolution: all local) in tiles of about this many pixels a side, with halos, so their
+    activations are never whole in memory; the 1/8-resolution FFC blocks (global) run whole.
+    The output equals the untiled one up to rounding. None (default): no tiles. Calling
+    ``optimize`` again on an optimized generator with only a new ``tile_size`` keeps its folded weights.
     The forward takes and returns float32 whatever the precision; training mode and forwards
     that need gradients run the generator's own (fused-module) forward.
     """
@@ -757,8 +865,15 @@ def optimize(generator: nn.Module, *, precision: str = "fp32", cuda_graphs: bool
         raise TypeError(f"optimize expects an nn.Module, got {type(generator).__name__}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 16):
+        raise ValueError(f"tile_size must be None or an integer of at least 16 pixels, got {tile_size!r}")
+    state = getattr(generator, "_lama_fast", None)
+    if (isinstance(state, _Optimized) and state.requested == precision and state.cuda_graphs == bool(cuda_graphs)
+            and isinstance(getattr(generator, "forward", None), _Forward)):
+        state.tile_size = tile_size  # CUDA graphs are kept per (shape, tile size)
+        return generator
     ffc_kernels.convert(generator)
-    generator._lama_fast = _Optimized(precision, bool(cuda_graphs))
+    generator._lama_fast = _Optimized(precision, bool(cuda_graphs), tile_size)
     generator.forward = _Forward(generator)
     if not getattr(generator, "_lama_fast_hooked", False):
         # load_state_dict under torch.inference_mode leaves no version trace on inference tensors.
@@ -791,6 +906,7 @@ def plan_info(generator: nn.Module) -> dict:
         "runs": None if plan is None else plan.precision.name,
         "backend": None if plan is None else plan.backend,
         "device": None if plan is None else str(plan.device),
+        "tile_size": state.tile_size,
         "why_not": state.why_not,
     }
 

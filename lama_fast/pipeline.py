@@ -18,6 +18,7 @@ It follows LaMa's ``bin/predict.py`` and ``DefaultInpaintingTrainingModule.forwa
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import warnings
@@ -25,6 +26,10 @@ import warnings
 import numpy as np
 import PIL.Image
 import torch
+
+from ffc_kernels.reference import GENERATOR_CONFIGS
+from lama_fast.memory import available_memory, choose_tile_size
+from lama_fast.optimized import optimize
 
 __all__ = ["inpaint", "pad_to_modulo"]
 
@@ -47,7 +52,7 @@ def pad_to_modulo(array: np.ndarray, modulo: int) -> np.ndarray:
     return np.pad(array, [(0, pad_h), (0, pad_w)] + [(0, 0)] * (array.ndim - 2), mode="symmetric")
 
 
-def inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8) -> np.ndarray:
+def inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8, tile_size="auto") -> np.ndarray:
     """Inpaint ``image`` where ``mask`` is set, with a LaMa ``generator``; returns HxWx3 uint8 RGB.
 
     ``image``: numpy HxWx3 (uint8, or float in [0, 1]), a PIL image (converted to RGB), or a torch
@@ -59,12 +64,18 @@ def inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8) -> np.n
     image unchanged (as uint8), without calling the generator.
     ``device``: where the generator input is placed; by default the device of the generator's
     parameters (CPU for a generator without any).
+    ``tile_size`` (generators from ``lama_fast.optimize``): ``"auto"`` (default) runs the
+    full-resolution stages in tiles when ``lama_fast.estimate_memory`` says the whole forward
+    would not fit in the device's free memory, with the largest tile that fits, and raises
+    ``MemoryError`` before running when nothing fits; an integer tiles with that size; None never
+    tiles. Other generators run as they are.
     """
-    result, _ = _inpaint(image, mask, generator, device=device, pad_modulo=pad_modulo)
+    result, _ = _inpaint(image, mask, generator, device=device, pad_modulo=pad_modulo, tile_size=tile_size)
     return result
 
 
-def _inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8) -> tuple[np.ndarray, torch.Tensor | None]:
+def _inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8,
+             tile_size="auto") -> tuple[np.ndarray, torch.Tensor | None]:
     """``inpaint``, also returning the raw (padded) generator output for comparisons (None when the
     mask sets no pixel and the generator is not run)."""
     if isinstance(pad_modulo, bool) or not isinstance(pad_modulo, int) or pad_modulo < 1:
@@ -102,7 +113,7 @@ def _inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8) -> tup
     image_t = torch.from_numpy(np.ascontiguousarray(padded_image))[None].to(device=device, dtype=dtype)
     mask_t = torch.from_numpy(padded_mask)[None, None].to(device=device, dtype=dtype)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), _tiles(generator, image_t.shape[-2:], device, tile_size):
         prediction = generator(torch.cat([image_t * (1 - mask_t), mask_t], dim=1))
         if not torch.is_tensor(prediction) or prediction.shape != image_t.shape:
             got = tuple(prediction.shape) if torch.is_tensor(prediction) else type(prediction).__name__
@@ -117,6 +128,35 @@ def _inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8) -> tup
         keep = ~mask_b
         result[keep] = original[keep]
     return result, prediction
+
+
+@contextlib.contextmanager
+def _tiles(generator, size, device, tile_size):
+    """The optimized generator's tile size for this forward (see ``inpaint``), restored afterwards."""
+    state = getattr(generator, "_lama_fast", None)
+    if tile_size != "auto" and tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int)):
+        raise ValueError(f"tile_size must be 'auto', None or an integer, got {tile_size!r}")
+    if state is None or not hasattr(state, "tile_size"):
+        yield
+        return
+    saved = state.tile_size
+    if tile_size == "auto":
+        if saved is None:
+            budget = available_memory(device)
+            if budget is not None:
+                blocks = sum(1 for m in generator.modules() if type(m).__name__.endswith("FFCResnetBlock"))
+                name = next((n for n, c in GENERATOR_CONFIGS.items() if c["n_blocks"] == blocks), "big-lama")
+                chosen = choose_tile_size(int(size[0]), int(size[1]), budget, generator=name,
+                                          precision=state.requested, device=device)
+                if chosen is not None:
+                    optimize(generator, precision=state.requested, cuda_graphs=state.cuda_graphs, tile_size=chosen)
+    else:
+        optimize(generator, precision=state.requested, cuda_graphs=state.cuda_graphs, tile_size=tile_size)
+    try:
+        yield
+    finally:
+        if state.tile_size != saved:
+            optimize(generator, precision=state.requested, cuda_graphs=state.cuda_graphs, tile_size=saved)
 
 
 def _placement(generator, device) -> tuple[torch.device, torch.dtype]:

@@ -329,3 +329,39 @@ def test_version_from_a_source_tree_that_is_not_installed(monkeypatch):
     from lama_fast import cli
 
     assert cli._version() == done.stdout.split()[-1]
+
+
+def test_tile_size(checkpoint, tmp_path, capsys):
+    """--tile-size N tiles (same pixels as untiled, up to rounding), off never tiles, bad values
+    are usage errors, and the reference refuses it."""
+    image_path = write_pair(tmp_path, "photo", height=64, width=64, mask_name="photo_mask.png")
+    mask_path = tmp_path / "photo_mask.png"
+    outs = {}
+    for value in ("off", "24", "auto"):
+        outs[value] = tmp_path / f"out_{value}.png"
+        code, _, err = run(capsys, "inpaint", image_path, mask_path, "-o", outs[value], "--checkpoint", checkpoint,
+                           "--device", "cpu", "--tile-size", value)
+        assert code == 0, err
+    untiled = np.asarray(PIL.Image.open(outs["off"])).astype(int)
+    assert np.abs(np.asarray(PIL.Image.open(outs["24"])).astype(int) - untiled).max() <= 1
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(outs["auto"])), untiled)  # plenty of memory: whole
+    for bad in ("0", "8", "big"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["inpaint", str(image_path), str(mask_path), "-o", str(tmp_path / "x.png"), "--checkpoint",
+                  str(checkpoint), "--tile-size", bad])
+        assert exit_info.value.code == 2
+        assert "--tile-size" in capsys.readouterr().err
+    code, _, err = run(capsys, "inpaint", image_path, mask_path, "-o", tmp_path / "r.png", "--checkpoint", checkpoint,
+                       "--reference", "--tile-size", "32")
+    assert code != 0 and "--tile-size 32 needs the optimized generator" in err
+    assert_one_line_error(err)
+
+
+def test_job_that_cannot_fit_fails_before_it_starts(checkpoint, tmp_path, capsys, monkeypatch):
+    image_path = write_pair(tmp_path, "photo", height=64, width=64, mask_name="photo_mask.png")
+    monkeypatch.setattr(lama_fast.pipeline, "available_memory", lambda device: 1 << 20)
+    code, _, err = run(capsys, "inpaint", image_path, tmp_path / "photo_mask.png", "-o", tmp_path / "o.png",
+                       "--checkpoint", checkpoint, "--device", "cpu")
+    assert code != 0 and "needs about" in err and "GiB" in err and "bf16" in err
+    assert_one_line_error(err)
+    assert not (tmp_path / "o.png").exists()
