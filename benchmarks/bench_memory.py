@@ -2,13 +2,15 @@
 
 Each point runs in a fresh process (peak memory cannot be reset within one): the seeded demo
 big-lama, ``lama_fast.optimize(generator, precision=..., tile_size=...)``, one forward of a
-size x size input. Peak memory is the growth of ``ru_maxrss`` over the forward on the CPU (the
-plan's folded weights included: they are made at the first forward), and
+size x size input. Peak memory is the growth of the process's peak resident memory over the
+forward on the CPU (``VmHWM``, which unlike ``ru_maxrss`` is not inherited from the process that
+started it; the plan's folded weights included: they are made at the first forward), and
 ``torch.cuda.max_memory_allocated`` on CUDA; ``lama_fast.estimate_memory`` is printed beside it.
 
     python benchmarks/bench_memory.py --points 1024:bf16 2048:bf16:512 4096:bf16:512 [--device cpu]
 
-A point is SIZE:PRECISION[:TILE]. Results go to benchmarks/results/memory_<device>_<date>_<commit>.json.
+A point is SIZE:PRECISION[:TILE]. Results go to benchmarks/results/memory_<device>_<date>_<commit>.json;
+``--readme-from FILE`` rewrites README.md's "what to expect" table (MEMORY-TABLE block) from one.
 """
 from __future__ import annotations
 
@@ -28,6 +30,17 @@ CHILD = r"""
 import json, resource, sys, time, torch
 from lama_fast import estimate_memory, optimize
 from lama_fast.demo import demo_generator
+
+
+def peak_rss():
+    # VmHWM: this process's own peak (ru_maxrss keeps the peak of the process that forked it).
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 size, precision, tile, device = int(sys.argv[1]), sys.argv[2], (int(sys.argv[3]) or None), sys.argv[4]
 generator = demo_generator(seed=0).eval().to(device)
 x = torch.rand(1, 4, size, size, device=device)
@@ -36,13 +49,13 @@ with torch.inference_mode():
     if device == "cuda":
         torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = peak_rss()
     start = time.perf_counter()
     fast(x)
     if device == "cuda":
         torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = peak_rss() - base
     seconds = time.perf_counter() - start
 print(json.dumps({"size": size, "precision": precision, "tile_size": tile, "seconds": seconds, "peak_bytes": peak,
                   "estimate_bytes": estimate_memory(size, size, precision=precision, tile_size=tile, device=device)}))
@@ -72,6 +85,29 @@ def parse_point(text: str):
     return int(parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else None
 
 
+MEMORY_BEGIN, MEMORY_END = "<!-- MEMORY-TABLE -->", "<!-- /MEMORY-TABLE -->"
+
+
+def markdown(result: dict) -> str:
+    """The 'what to expect' table of one results file."""
+    env = result["environment"]
+    lines = [f"{env.get('device')}, torch {env.get('torch')}, commit `{env.get('git_commit')}`: one forward of "
+             "big-lama (seeded demo weights), optimized.", "",
+             "| input | precision | tiles | time s | peak memory MiB | estimate MiB |", "|---|---|---|---|---|---|"]
+    for p in result["points"]:
+        lines.append(f"| {p['size']}² | {p['precision']} | {p['tile_size'] or 'none'} | {p['seconds']:.1f} | "
+                     f"{p['peak_bytes'] / 2**20:.0f} | {p['estimate_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def update_readme(result: dict, path: Path) -> None:
+    text = path.read_text()
+    if MEMORY_BEGIN not in text or MEMORY_END not in text:
+        raise ValueError(f"{path} has no {MEMORY_BEGIN} ... {MEMORY_END} block")
+    start, end = text.index(MEMORY_BEGIN) + len(MEMORY_BEGIN), text.index(MEMORY_END)
+    path.write_text(text[:start] + "\n" + markdown(result) + "\n" + text[end:])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", nargs="+", type=parse_point,
@@ -79,7 +115,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per point")
     parser.add_argument("--out", default=str(common.RESULTS_DIR))
+    parser.add_argument("--readme-from", metavar="JSON",
+                        help="only rewrite README.md's MEMORY-TABLE block from this results file")
     args = parser.parse_args(argv)
+    if args.readme_from:
+        update_readme(json.loads(Path(args.readme_from).read_text()), common.ROOT / "README.md")
+        print("# updated README.md")
+        return 0
     import torch
 
     device = torch.device(args.device)

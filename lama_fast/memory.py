@@ -35,7 +35,8 @@ _MODULO = 8  # inpaint pads images to multiples of 8
 _HIDDEN = 0.5  # the SpectralTransform's hidden channels: half its output channels
 # What a first forward adds whatever the image size: on the CPU the library code it pages in,
 # oneDNN's primitive cache and scratchpads, the FFT plans (measured 240-260 MiB over 1024² to
-# 4096² on a 2-core EPYC); on CUDA cuDNN's and cuBLAS's workspaces.
+# 4096² on a 2-core EPYC; below about 1024² it adds less, so the estimate is high there, by up
+# to 50% at 768²); on CUDA cuDNN's and cuBLAS's workspaces.
 _CPU_OVERHEAD = 256 * 2**20
 _CUDA_OVERHEAD = 128 * 2**20
 

@@ -141,7 +141,7 @@ def test_inpaint_tiles_when_memory_is_short(big_lama, monkeypatch):
 
 def test_estimate_memory_shape_of_the_model():
     e = memory.estimate_memory
-    assert e(4096, 4096, precision="bf16", tile_size=512) < e(4096, 4096, precision="bf16") / 2
+    assert e(4096, 4096, precision="bf16", tile_size=512) < 0.6 * e(4096, 4096, precision="bf16")
     assert e(2048, 2048, precision="bf16") < e(2048, 2048, precision="fp32")
     assert e(2048, 2048, batch=2) > 1.5 * e(2048, 2048) - e(8, 8)
     assert e(2041, 2047) == e(2048, 2048)  # padded to multiples of 8, as inpaint does
@@ -151,3 +151,27 @@ def test_estimate_memory_shape_of_the_model():
                           ({"height": 8, "width": 8, "generator": "huge-lama"}, "generator")):
         with pytest.raises(ValueError, match=match):
             e(**kwargs)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's")
+def test_estimate_within_a_quarter_of_the_measured_peak():
+    """Three sizes, each in a fresh process (benchmarks/bench_memory.py's measurement): the
+    growth of the peak resident memory over one optimized big-lama forward. (Below about 1024²
+    a first forward adds less than the estimate's fixed part: the estimate is high there.)"""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_memory_mod", bench_dir / "bench_memory.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(bench_dir))
+    for size, precision, tile in ((1536, "bf16", 512), (2048, "bf16", 512), (2048, "bf16", None)):
+        point = bench.measure(size, precision, tile, "cpu", timeout=600)
+        assert point["peak_bytes"] > 0, (size, precision, tile, point)
+        ratio = point["estimate_bytes"] / point["peak_bytes"]
+        assert 0.75 <= ratio <= 1.25, (size, precision, tile, point)
