@@ -42,7 +42,7 @@ setup(
         "pillow",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib"], "bench": ["matplotlib", "pytest-benchmark"]},
     entry_points={"console_scripts": ["lama-fast=lama_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -3,6 +3,7 @@
     python benchmarks/report.py                                   # every file in benchmarks/results/
     python benchmarks/report.py results/a.json --out report.md --plot report.png
     python benchmarks/report.py --latest --update-readme          # README.md's BENCH-TABLE block
+    python benchmarks/report.py --sweep-readme results/sweep_X.json  # README.md's SWEEP-TABLE block
 
 ``--latest`` keeps the newest file of each device. ``--update-readme [PATH]`` replaces what lies
 between ``<!-- BENCH-TABLE -->`` and ``<!-- /BENCH-TABLE -->`` (the closing marker is added after
@@ -184,6 +185,29 @@ def update_readme(table: str, path: Path | str = README) -> None:
     path.write_text(text[:start] + "\n" + table.strip() + "\n" + tail)
 
 
+SWEEP_BEGIN, SWEEP_END = "<!-- SWEEP-TABLE -->", "<!-- /SWEEP-TABLE -->"
+
+
+def update_sweep_readme(path: Path, readme: Path = README) -> int:
+    """README's SWEEP-TABLE block <- the table of a `lama-fast bench` results file (and its plot)."""
+    sys.path.insert(0, str(README.parent))
+    from lama_fast import sweep
+
+    results = json.loads(path.read_text())
+    text = readme.read_text()
+    if SWEEP_BEGIN not in text or SWEEP_END not in text:
+        print(f"report: {readme} has no {SWEEP_BEGIN} ... {SWEEP_END} block", file=sys.stderr)
+        return 1
+    block = sweep.table(results)
+    png = path.with_suffix(".png")
+    if png.exists():
+        block += f"\n\n![time and peak memory against resolution]({png.relative_to(readme.parent).as_posix()})"
+    start, end = text.index(SWEEP_BEGIN) + len(SWEEP_BEGIN), text.index(SWEEP_END)
+    readme.write_text(text[:start] + "\n" + block + "\n" + text[end:])
+    print(f"report: updated {readme}")
+    return 0
+
+
 def plot(files: list[dict], out: Path) -> bool:
     """Median time against input size, one panel per op, one line per device, mode and provider."""
     try:
@@ -234,7 +258,11 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     parser.add_argument("--update-readme", nargs="?", const=str(README), default=None, metavar="README",
                         help="rewrite the block between the BENCH-TABLE markers (default README.md)")
+    parser.add_argument("--sweep-readme", metavar="SWEEP_JSON",
+                        help="only rewrite README.md's SWEEP-TABLE block from a `lama-fast bench` results file")
     args = parser.parse_args(argv)
+    if args.sweep_readme:
+        return update_sweep_readme(Path(args.sweep_readme))
     files = load(args.paths)
     if args.latest:
         files = latest_per_device(files)

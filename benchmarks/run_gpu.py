@@ -9,8 +9,10 @@
    (``-m "not gpu"``; the two together are the full ``pytest -q tests``; ``--full-tests`` runs
    that literal command as the second step instead);
 4. every benchmark on cuda, eager and fused, at 512^2..4096^2 (generator: 512^2..2048^2) in
-   fp32+TF32, bf16 and fp32 (TF32 off), in that order; then torch.compile of the reference in
-   fp32+TF32 with what time is left (inductor compiles take most of it);
+   fp32+TF32, bf16 and fp32 (TF32 off), in that order; then the end-to-end stages (the sweep of
+   ``lama-fast bench`` at 1024^2..4096^2, peak memory one pass and tiled up to 8192^2, the
+   per-kernel profile at 2048^2); then torch.compile of the reference in fp32+TF32 with what time
+   is left (inductor compiles take most of it);
 5. a markdown report (+ PNG if matplotlib is there) of the results.
 
 Writes into ``--out`` (default benchmarks/results/): the results JSON
@@ -192,7 +194,8 @@ def build_extension(log: Log, clock: Clock, cap: float) -> None:
 def run_benches(log: Log, clock: Clock, args, results_path: Path, device: str) -> None:
     base = ["--device", device, "--results-file", str(results_path), "--rep-ms", str(args.rep_ms)]
     # Pass 1: eager and fused in every mode, all sizes, no compile.
-    budget = clock.left() - args.reserve_s - args.compile_s
+    end_to_end_s = 0 if set(args.skip_end_to_end) >= {"sweep", "memory", "profile"} else args.end_to_end_s
+    budget = clock.left() - args.reserve_s - args.compile_s - end_to_end_s
     weights_left = sum(w for _, w in BENCHES)
     for script, weight in BENCHES:
         share = max(budget * weight / weights_left, 20) if budget > 0 else 0
@@ -206,6 +209,7 @@ def run_benches(log: Log, clock: Clock, args, results_path: Path, device: str) -
                "--modes", *args.modes, "--no-compile", "--budget-s", f"{share:.0f}"]
         run(cmd, log, min(share + 60, clock.left() - args.reserve_s), env=subprocess_env())
         budget -= time.monotonic() - start
+    end_to_end(log, clock, args)
     # Pass 2: torch.compile of the reference, fp32 + TF32, with what is left.
     if args.no_compile:
         return
@@ -219,6 +223,26 @@ def run_benches(log: Log, clock: Clock, args, results_path: Path, device: str) -
         cmd = [sys.executable, str(HERE / script), *base, "--sizes", *map(str, sizes), "--modes", "tf32",
                "--compile", "--providers", "compile", "--budget-s", f"{share:.0f}"]
         run(cmd, log, min(share + 90, left), env=subprocess_env())
+
+
+def end_to_end(log: Log, clock: Clock, args) -> None:
+    """What users run: the sweep (`lama-fast bench`: 1024² to 4096², no compile), peak memory one
+    pass and tiled (bench_memory.py), and the per-step/per-kernel profile at 2048²; each within
+    its cap and skipped when the budget is short."""
+    stages = [
+        ("sweep", [sys.executable, "-m", "lama_fast", "bench", "--device", "cuda", "--no-compile",
+                   "--sizes", *map(str, args.sweep_sizes), "--out", args.out], 150),
+        ("memory", [sys.executable, str(HERE / "bench_memory.py"), "--device", "cuda", "--out", args.out,
+                    "--points", "2048:bf16", "4096:bf16", "4096:tf32", "8192:bf16:1024"], 120),
+        ("profile", [sys.executable, str(HERE / "profile_gpu.py"), "--size", "2048", "--out", args.out], 150),
+    ]
+    for name, cmd, cap in stages:
+        if name in args.skip_end_to_end:
+            continue
+        if clock.left() < args.reserve_s + cap / 2:
+            log(f"skipping {name}: {clock.left():.0f} s left")
+            continue
+        run(cmd, log, min(cap, clock.left() - args.reserve_s), env=subprocess_env())
 
 
 def main(argv=None) -> int:
@@ -240,6 +264,12 @@ def main(argv=None) -> int:
                         help="build csrc's extension in place first (FFC_KERNELS_BUILD_EXT=1), so the "
                              "spectral mix is also timed on it")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile pass")
+    parser.add_argument("--sweep-sizes", type=int, nargs="+", default=[1024, 2048, 4096],
+                        help="sizes of the end-to-end sweep (lama-fast bench)")
+    parser.add_argument("--skip-end-to-end", nargs="*", default=[], choices=["sweep", "memory", "profile"],
+                        help="leave out these end-to-end stages")
+    parser.add_argument("--end-to-end-s", type=float, default=240,
+                        help="seconds the per-op benchmarks leave for the end-to-end stages")
     parser.add_argument("--bench-s", type=float, default=200,
                         help="seconds the tests must leave for the eager/fused benchmark pass")
     parser.add_argument("--compile-s", type=float, default=60,

@@ -1,9 +1,9 @@
-"""``lama-fast``: inpaint images with a LaMa checkpoint, verify the fused path, find the benchmarks.
+"""``lama-fast``: inpaint images with a LaMa checkpoint, verify the fused path, time it end to end.
 
     lama-fast inpaint IMAGE MASK -o OUT --checkpoint PATH [--device cpu|cuda] [--reference]
                       [--precision fp32|tf32|bf16] [--tile-size N|auto|off] [--threads N]
     lama-fast verify [--size 256] [--device cpu|cuda] [--blocks N] [--seed 0] [--save DIR]
-    lama-fast bench
+    lama-fast bench [--sizes 512 1024] [--device cpu|cuda] [--no-compile] [--runs N] [--out DIR]
     lama-fast download [big-lama] [--to DIR]
     lama-fast --version
 
@@ -47,13 +47,6 @@ NO_CHECKPOINT = f"""\
   README of the advimman/lama GitHub repository; unzip it and pass big-lama/models/best.ckpt.
   IOPaint's TorchScript export big-lama.pt works too. Both load with --checkpoint PATH.
   To check the fused kernels without any weights, run: {PROG} verify"""
-
-BENCH = f"""\
-Benchmarks live in benchmarks/ of the source repository; run them from a clone:
-  on the CPU:  python -m pytest benchmarks/ --benchmark-only
-  on a GPU:    python benchmarks/run_gpu.py
-{PROG} bench itself measures nothing."""
-
 
 class CLIError(Exception):
     """A user error: reported as one line, exit status 1."""
@@ -143,7 +136,23 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--save", metavar="DIR", help="write image.png, mask.png, result.png, result_reference.png")
     check.set_defaults(run=_run_verify)
 
-    bench = commands.add_parser("bench", help="where the benchmarks are and how to run them")
+    bench = commands.add_parser(
+        "bench", help="time big-lama end to end: LaMa's eager generator, torch.compile of it, and the optimized one",
+        description="The end-to-end sweep on big-lama with seeded demo weights: LaMa's eager generator (fp32), "
+                    "torch.compile of it, and lama_fast.optimize in each precision, per input size: median time "
+                    "and spread, speedup, peak memory, accuracy against eager fp32. Writes a JSON and a PNG plot "
+                    "(with matplotlib: pip install 'ffc-kernels[bench]'). The per-op benchmarks are "
+                    "benchmarks/bench_<op>.py in the source repository; benchmarks/run_gpu.py runs all on a GPU.")
+    bench.add_argument("--sizes", type=_int_at_least(16), nargs="+", default=[512, 1024], metavar="N",
+                       help="input sizes, N x N pixels (default 512 1024)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the reference")
+    bench.add_argument("--runs", type=_int_at_least(1), metavar="N",
+                       help="timed runs per point after one warm-up (default 3 up to 512², 2 above)")
+    bench.add_argument("--blocks", type=_int_at_least(1), metavar="N", help="residual blocks (default big-lama's 18)")
+    bench.add_argument("--out", metavar="DIR",
+                       help="where the JSON and plot go (default benchmarks/results in a source tree, "
+                            "else ./lama-fast-bench)")
     bench.set_defaults(run=_run_bench)
 
     fetch = commands.add_parser(
@@ -448,7 +457,19 @@ def _run_verify(args) -> int:
 
 
 def _run_bench(args) -> int:
-    print(BENCH)
+    from lama_fast import sweep
+
+    device = _device(args.device)
+    out = Path(args.out) if args.out else (Path("benchmarks/results") if Path("benchmarks/results").is_dir()
+                                           else Path("lama-fast-bench"))
+    with _warnings_as_lines():
+        results, path = sweep.run_sweep(args.sizes, device=device, compile_reference=not args.no_compile,
+                                        runs=args.runs, out=out, n_blocks=args.blocks)
+    print(sweep.table(results))
+    plot = path.with_suffix(".png")
+    print(f"{PROG}: wrote {path}" + (f" and {plot}" if plot.exists() else
+                                     " (no plot: matplotlib is not installed; pip install 'ffc-kernels[bench]')"),
+          file=sys.stderr)
     return 0
 
 

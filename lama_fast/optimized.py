@@ -38,6 +38,11 @@ no trace, so call ``refold(generator)`` after those. Training mode, a forward th
 needs gradients, forward hooks on any submodule, or a generator whose layout is not LaMa's run
 the generator's own forward (its FFC modules converted to the fused twins).
 
+Tiles (``tile_size``): the leading and trailing local steps (stem and downsampling; transposed
+convolutions and output convolution) run through ``lama_fast.tiling`` one output tile at a time,
+each tile with the halo its chain of convolutions reads and the layers' own padding where it
+touches the image border; the residual blocks between them run whole.
+
 CUDA: after one warm-up per input shape the forward is captured in a CUDA graph and replayed
 (``cuda_graphs=True``, the default). Under ``torch.compile`` the plan is traced as it is (no
 graph breaks: the checks above run only outside compilation, so refold before compiling); its

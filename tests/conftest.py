@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files. Tests marked ``gpu`` are skipped when torch sees no CUDA device.
+"""Fixtures shared by the test files. Tests marked ``gpu`` are skipped when torch sees no CUDA device,
+tests marked ``weights`` when the real big-lama.pt has not been downloaded into lama-fast's cache.
 
 Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Triton decides
 that when a kernel is decorated, so the variable is set here, before any test imports
@@ -15,12 +16,16 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    from lama_fast.download import MODELS, cache_directory
+
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_weights = pytest.mark.skip(reason="needs big-lama.pt in the cache: lama-fast download big-lama")
+    has_weights = (cache_directory() / MODELS["big-lama"].filename).is_file()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "weights" in item.keywords and not has_weights:
+            item.add_marker(skip_weights)
 
 
 @pytest.fixture

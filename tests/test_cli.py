@@ -152,11 +152,58 @@ def test_verify_save(tmp_path, capsys):
     assert np.asarray(PIL.Image.open(tmp_path / "result.png")).shape == (32, 32, 3)
 
 
-def test_bench_prints_no_numbers(capsys):
-    code, out, err = run(capsys, "bench")
-    assert code == 0
-    assert "benchmarks/" in out and "--benchmark-only" in out and "run_gpu.py" in out
-    assert not re.search(r"\d", out + err)
+def test_bench_sweep_writes_json_table_and_plot(tmp_path, capsys):
+    """`lama-fast bench` (a one-block generator at two small sizes): the JSON's schema, the eager
+    baseline, the optimized rows' accuracy, the plot and the table."""
+    import json
+
+    from lama_fast import sweep
+
+    code, out, err = run(capsys, "bench", "--sizes", 32, 48, "--blocks", 1, "--runs", 1, "--device", "cpu",
+                         "--out", tmp_path, "--no-compile")
+    assert code == 0, err
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].startswith("sweep_") and files[0].endswith(".json") and files[1].endswith(".png")
+    data = json.loads((tmp_path / files[0]).read_text())
+    assert data["schema"] == sweep.SCHEMA and {"device", "torch", "commit", "threads"} <= set(data["environment"])
+    rows = data["rows"]
+    assert [(r["size"], r["variant"], r["precision"]) for r in rows] == [
+        (s, v, p) for s in (32, 48) for v, p in (("eager", "fp32"), ("optimized", "fp32"), ("optimized", "bf16"))]
+    assert all(set(sweep.ROW_KEYS) <= set(r) for r in rows)
+    for r in rows:
+        assert r["median_s"] > 0 and r["p20_s"] <= r["median_s"] <= r["p80_s"] and r["runs"] == 1
+        if r["variant"] == "eager":
+            assert r["speedup"] == 1.0
+        elif r["precision"] == "fp32":
+            assert r["max_abs"] <= 1e-4
+        else:
+            assert r["snr_db"] > 20
+    assert (tmp_path / files[1]).stat().st_size > 10_000
+    assert "| 48² | optimized | bf16 |" in out and "speedup" in out
+    assert f"wrote {tmp_path / files[0]}" in err
+
+
+def test_sweep_compiles_the_reference():
+    from lama_fast import sweep
+
+    results, path = sweep.run_sweep([32], compile_reference=True, runs=1, n_blocks=1, progress=False)
+    assert path is None
+    compiled = [r for r in results["rows"] if r["variant"] == "compile"]
+    assert len(compiled) == 1 and compiled[0]["max_abs"] <= 1e-4 and compiled[0]["seconds_first_call"] > 0
+
+
+def test_sweep_plot_from_a_small_results_file(tmp_path):
+    from lama_fast import sweep
+
+    rows = [dict(size=s, variant=v, precision="fp32", median_s=t, p20_s=t, p80_s=t, runs=1, speedup=1.0,
+                 peak_bytes=m, max_abs=0.0, psnr_db=99.0, snr_db=99.0, seconds_first_call=t)
+            for s, v, t, m in ((512, "eager", 3.0, 9e8), (1024, "eager", 13.0, 3e9), (512, "optimized", 2.0, 7e8),
+                               (1024, "optimized", 8.0, 2e9))]
+    results = {"schema": sweep.SCHEMA, "environment": {"device": "A CPU", "torch": "2.x", "threads": 2,
+                                                       "commit": "abc", "date": "2026-01-01T00:00:00"}, "rows": rows}
+    assert sweep.plot(results, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 1024² | optimized | fp32 | 8.00 (8.00-8.00) | 1.00x | 1907 |" in sweep.table(results)
 
 
 def test_usage_errors_exit_2(capsys):
