@@ -201,7 +201,7 @@ def update_sweep_readme(path: Path, readme: Path = README) -> int:
     block = sweep.table(results)
     png = path.with_suffix(".png")
     if png.exists():
-        block += f"\n\n![time and peak memory against resolution]({png.relative_to(readme.parent).as_posix()})"
+        block += f"\n\n![time and peak memory against resolution]({png.resolve().relative_to(readme.resolve().parent).as_posix()})"
     start, end = text.index(SWEEP_BEGIN) + len(SWEEP_BEGIN), text.index(SWEEP_END)
     readme.write_text(text[:start] + "\n" + block + "\n" + text[end:])
     print(f"report: updated {readme}")
