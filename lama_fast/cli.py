@@ -457,8 +457,12 @@ def _run_verify(args) -> int:
 
 
 def _run_bench(args) -> int:
+    import logging
+
     from lama_fast import sweep
 
+    # torch.compile's C++ toolchain lookup logs "No CUDA runtime is found" on CPU-only machines.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     device = _device(args.device)
     out = Path(args.out) if args.out else (Path("benchmarks/results") if Path("benchmarks/results").is_dir()
                                            else Path("lama-fast-bench"))
