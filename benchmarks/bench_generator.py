@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,8 +33,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
 import lama_fast  # noqa: E402
-from lama_fast.demo import demo_generator, demo_image, demo_mask  # noqa: E402
+from lama_fast.demo import demo_generator  # noqa: E402
 from lama_fast.optimized import plan_info  # noqa: E402
+from lama_fast.sweep import accuracy, lama_input  # noqa: E402
 
 SIZES = (512, 1024, 2048)
 
@@ -52,24 +52,6 @@ def model_flops(size: int) -> float:
         eager = lama_fast.build_generator("big-lama")
         x = torch.randn(1, 4, size, size)
     return common.count_model(eager, x)["flops"]
-
-
-def lama_input(size: int, device) -> torch.Tensor:
-    image = torch.from_numpy(demo_image(size)).permute(2, 0, 1)[None].float() / 255
-    mask = (torch.from_numpy(demo_mask(size)) > 127)[None, None].float()
-    return torch.cat([image * (1 - mask), mask], dim=1).to(device=device)
-
-
-def accuracy(out, expected) -> dict:
-    """max |out - expected|, PSNR on [0, 1] and SNR against the reference's variance, in dB."""
-    out, expected = out.double(), expected.double().to(out.device)
-    mse = float(((out - expected) ** 2).mean())
-    var = float(expected.var())
-    return {
-        "max_abs": float((out - expected).abs().max()),
-        "psnr_db": math.inf if mse == 0 else 10 * math.log10(1 / mse),
-        "snr_db": math.inf if mse == 0 else 10 * math.log10(var / mse),
-    }
 
 
 def make_cases(size, mode, device, args):

@@ -27,20 +27,10 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from lama_fast import estimate_memory, optimize
 from lama_fast.demo import demo_generator
-
-
-def peak_rss():
-    # VmHWM: this process's own peak (ru_maxrss keeps the peak of the process that forked it).
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
+from lama_fast.sweep import peak_rss
 size, precision, tile, device = int(sys.argv[1]), sys.argv[2], (int(sys.argv[3]) or None), sys.argv[4]
 generator = demo_generator(seed=0).eval().to(device)
 x = torch.rand(1, 4, size, size, device=device)

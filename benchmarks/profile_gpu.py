@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
 import lama_fast  # noqa: E402
-from bench_generator import lama_input  # noqa: E402
+from lama_fast.sweep import lama_input  # noqa: E402
 from ffc_kernels.ops import dense  # noqa: E402
 from lama_fast import optimized  # noqa: E402
 from lama_fast.demo import demo_generator  # noqa: E402

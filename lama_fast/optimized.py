@@ -219,11 +219,15 @@ class _Conv:
     s2d: tuple | None = None  # dense.space_to_depth_weight(weight, bias), for few output channels
     cuda_tf32: bool | None = None  # fp32 on CUDA: the TF32 setting it must run with (see _conv_at_precision)
 
+    def _pinned(self, x, padding, output_padding):
+        """Under torch.compile on CUDA in fp32/TF32: the convolution as ``_conv_at_precision``."""
+        return _conv_at_precision(x, self.weight, self.bias, list(self.stride), list(padding), list(self.dilation),
+                                  self.transposed, list(output_padding), self.cuda_tf32)
+
     def unpadded(self, x):
         """This convolution on ``x`` as given, with no padding of its own (a tile padded by the caller)."""
         if self.cuda_tf32 is not None and torch.compiler.is_compiling():
-            y = _conv_at_precision(x, self.weight, self.bias, list(self.stride), [0, 0], list(self.dilation),
-                                   self.transposed, [0, 0], self.cuda_tf32)
+            y = self._pinned(x, (0, 0), (0, 0))
         elif self.transposed:
             y = F.conv_transpose2d(x, self.weight, self.bias, self.stride, 0, 0, 1, self.dilation)
         else:
@@ -256,8 +260,7 @@ class _Conv:
                 x = padded
             elif self.reflect:
                 x = F.pad(x, (self.reflect,) * 4, mode="reflect")
-            y = _conv_at_precision(x, self.weight, self.bias, list(self.stride), list(self.padding),
-                                   list(self.dilation), self.transposed, list(self.output_padding), self.cuda_tf32)
+            y = self._pinned(x, self.padding, self.output_padding)
             if add is not None:
                 y = y + add
             return y.relu() if relu else y

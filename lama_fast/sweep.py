@@ -90,24 +90,38 @@ class _Peak:
             torch.cuda.synchronize(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
         elif self.base is not None:
-            self.bytes = max(0, self._status("VmHWM") - self.base)
+            self.bytes = max(0, _status("VmHWM") - self.base)
         return False
 
     @staticmethod
-    def _status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-    def _reset_rss(self):
+    def _reset_rss():
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # the peak resident set size starts again from the current one
-            return self._status("VmRSS")
+            return _status("VmRSS")
         except (OSError, StopIteration):
             return None
 
 
-def _accuracy(out, ref) -> dict:
+def _status(key: str) -> int:
+    """A byte count of /proc/self/status (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM on Linux (``ru_maxrss`` keeps the peak
+    of the process that forked this one), else ``ru_maxrss``."""
+    try:
+        return _status("VmHWM")
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def accuracy(out, ref) -> dict:
+    """max |out - ref|, PSNR on [0, 1] and SNR = 10 log10(var(ref) / MSE), in dB."""
     out, ref = out.double().cpu(), ref.double().cpu()
     mse = float(((out - ref) ** 2).mean())
     return {"max_abs": float((out - ref).abs().max()),
@@ -115,7 +129,8 @@ def _accuracy(out, ref) -> dict:
             "snr_db": math.inf if mse == 0 else 10 * math.log10(float(ref.var()) / mse)}
 
 
-def _input(size: int, device) -> torch.Tensor:
+def lama_input(size: int, device) -> torch.Tensor:
+    """LaMa's input (masked RGB + mask) for the demo scene at size x size."""
     from lama_fast.demo import demo_image, demo_mask
 
     image = torch.from_numpy(demo_image(size)).permute(2, 0, 1)[None].float() / 255
@@ -173,7 +188,7 @@ def run_sweep(sizes, *, device="cpu", compile_reference=True, runs=None, out=Non
     with torch.inference_mode():
         for size, variant, precision in bar:
             bar.set_postfix_str(f"{size}² {variant} {precision}")
-            x = _input(size, device)
+            x = lama_input(size, device)
             n = runs or (3 if size <= 512 else 2)
             if variant == "optimized":
                 model = lama_fast.optimize(copy.deepcopy(base), precision=precision)
@@ -197,7 +212,7 @@ def run_sweep(sizes, *, device="cpu", compile_reference=True, runs=None, out=Non
                 row.update(speedup=1.0, max_abs=0.0, psnr_db=math.inf, snr_db=math.inf)
             else:
                 row["speedup"] = eager_median[size] / row["median_s"]
-                row.update(_accuracy(y, reference_out[size]))
+                row.update(accuracy(y, reference_out[size]))
             results["rows"].append(row)
             if variant == "optimized":
                 del model
