@@ -42,7 +42,9 @@ setup(
         "pillow",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib"], "bench": ["matplotlib", "pytest-benchmark"]},
+    # kornia: the refinement's blur, resize and erosion are checked against it (LaMa uses it)
+    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib", "kornia"],
+                    "bench": ["matplotlib", "pytest-benchmark"]},
     entry_points={"console_scripts": ["lama-fast=lama_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -7,6 +7,7 @@ raises: a missing or broken extension is recorded, and ``why_unavailable()`` say
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch  # loads libtorch, which the extension links against
 
@@ -27,6 +28,15 @@ except Exception as exc:  # ImportError from the loader (undefined symbol, wrong
 def available() -> bool:
     """Whether ``ffc_kernels._C`` is importable (says nothing about a GPU being present)."""
     return _C is not None
+
+
+def build_id() -> str | None:
+    """What tells one build of the extension from another (its file's size and modification
+    time), or None when it is not loaded: measured backend choices are kept per build."""
+    if _C is None:
+        return None
+    stat = os.stat(_C.__file__)
+    return f"{stat.st_size}-{int(stat.st_mtime)}"
 
 
 def why_unavailable() -> str | None:

@@ -1,7 +1,8 @@
 """Which backend runs a fused op, and why: the one place that decides.
 
-Order for CUDA tensors: the CUDA extension (csrc/, for the ops it implements), then Triton,
-then torch. CPU tensors take the torch path, except under ``TRITON_INTERPRET=1`` with the
+For CUDA tensors the fastest backend, measured once per op, GPU and shape class
+(``ffc_kernels.measured``); where nothing can be measured, Triton, then the CUDA extension
+(csrc/, for the ops it implements), then torch. CPU tensors take the torch path, except under ``TRITON_INTERPRET=1`` with the
 Triton backend forced, which is how the kernels are proven on machines without a GPU.
 ``FFC_KERNELS_BACKEND=torch|triton|cuda`` forces one; forcing one that cannot run raises.
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from typing import Callable
 
 import torch
 
-from ffc_kernels import _ext
+from ffc_kernels import _ext, measured
 
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "FFC_KERNELS_BACKEND"
@@ -67,11 +69,17 @@ def warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def select(device: torch.device, has_cuda_impl: bool = False) -> str:
+def select(device: torch.device, has_cuda_impl: bool = False, *, op: str | None = None, shape: tuple = (),
+           trial: Callable[[str], object] | None = None) -> str:
     """The backend that runs an op on ``device``.
 
     ``has_cuda_impl`` says whether the op has a kernel in the CUDA extension; ops without one
-    run on Triton when the extension is chosen.
+    run on Triton when the extension is forced. On CUDA, an op that says how to run itself
+    (``op``, ``shape``: its shape class, ``trial(backend)``: runs it once) gets the fastest of
+    the backends that can run it, timed once per op, GPU and shape class and kept on disk for
+    every process (``ffc_kernels.measured``). A CUDA graph capture or a torch.compile trace
+    cannot time anything: it takes the stored choice, else the fixed order Triton, the CUDA
+    extension, torch, which is also what an op without a trial gets.
     """
     device = torch.device(device)
     forced = forced_backend()
@@ -84,12 +92,23 @@ def select(device: torch.device, has_cuda_impl: bool = False) -> str:
         return forced
     if device.type != "cuda":
         return "torch"
-    if has_cuda_impl and _unavailable("cuda", device) is None:
-        return "cuda"
-    if _unavailable("triton", device) is None:
-        return "triton"
-    warn_once(f"ffc_kernels: Triton unavailable ({_TRITON_ERROR}); CUDA tensors use the torch path")
-    return "torch"
+    candidates = [b for b in ("triton", "cuda", "torch")
+                  if (b != "cuda" or has_cuda_impl) and _unavailable(b, device) is None]
+    if candidates == ["torch"]:
+        warn_once(f"ffc_kernels: Triton unavailable ({_TRITON_ERROR}); CUDA tensors use the torch path")
+    if op is None or trial is None or len(candidates) == 1:
+        return candidates[0]
+    if torch.compiler.is_compiling():
+        return _stored_choice(op, str(device), tuple(shape), tuple(candidates))
+    if torch.cuda.is_current_stream_capturing():
+        return measured.known(op, device, tuple(shape), candidates) or candidates[0]
+    return measured.choose(op, device, tuple(shape), candidates, trial)
+
+
+@torch.compiler.assume_constant_result
+def _stored_choice(op: str, device: str, shape: tuple, candidates: tuple) -> str:
+    """The stored measured choice, else the first candidate: a constant in a compiled graph."""
+    return measured.known(op, torch.device(device), shape, list(candidates)) or candidates[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,21 +120,46 @@ class BackendInfo:
     forced: str | None
     reasons: dict
     matmul_precision: str
+    measured: dict = dataclasses.field(default_factory=dict)  # "op shape-class" -> (backend, {backend: ms})
 
     def __str__(self) -> str:
         lines = [f"ffc_kernels backend on {self.device}: {self.selected}"
                  + (f" (forced by {ENV_VAR}={self.forced})" if self.forced else "")]
         for name in BACKENDS:
             lines.append(f"  {name:7s}: {self.reasons[name] or 'available'}")
-        lines.append(f"  spectral matmul precision: {self.matmul_precision}"
-                     " (torch.get_float32_matmul_precision: highest=tf32x3, high=tf32, medium=bf16)")
+        lines.append(f"  precision on fp32 data: {self.matmul_precision} (by torch.backends.cudnn.allow_tf32"
+                     " like LaMa's convolutions: tf32 when True, fp32-class split TF32 when False; an op's or"
+                     " module's precision argument overrides it; bf16 data always multiplies as bf16)")
+        if self.forced is None and self.selected in BACKENDS and self.device.startswith("cuda"):
+            lines.append(f"  measured choices (per op and shape class, in {measured.cache_directory()}): "
+                         + ("none yet" if not self.measured else ""))
+            for what, (backend, ms) in sorted(self.measured.items()):
+                times = ", ".join(f"{b} {t:.3f} ms" for b, t in sorted(ms.items(), key=lambda item: item[1]))
+                lines.append(f"    {what}: {backend} ({times})")
         return "\n".join(lines)
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def check_precision(precision: str | None) -> str | None:
+    """``precision`` as given to an op or module: None (the default below) or one of PRECISIONS."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be None or one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+# Read once per compiled graph: a guard on a global flag would otherwise break fullgraph tracing.
 @torch.compiler.assume_constant_result
 def matmul_precision() -> str:
-    """The dot precision of the fused kernels for fp32 inputs, from torch's own setting."""
-    return {"highest": "tf32x3", "high": "tf32", "medium": "bf16"}[torch.get_float32_matmul_precision()]
+    """The precision of the fused ops' dots on fp32 data when the caller names none.
+
+    What the 1x1 convolutions they replace would run: cuDNN convolutions follow
+    ``torch.backends.cudnn.allow_tf32`` (True by default, so TF32 on a GPU), hence "tf32",
+    or "fp32" (fp32-class split TF32) when it is False. torch's float32 matmul precision
+    governs matmuls, not convolutions, and is not read.
+    """
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
 
 
 def backend_info(device: str | torch.device | None = None) -> BackendInfo:
@@ -137,7 +181,11 @@ def backend_info(device: str | torch.device | None = None) -> BackendInfo:
             selected = select(device, has_cuda_impl=True)
         except RuntimeError as exc:
             selected = f"none ({exc})"
-    return BackendInfo(str(device), selected, forced_backend(), reasons, matmul_precision())
+    prefix = measured.key("", device, ()).rsplit("|", 1)[0] + "|" if device.type == "cuda" and not missing else None
+    choices = {} if prefix is None else {
+        k[len(prefix):].replace("|", " "): (v["backend"], v.get("ms", {}))
+        for k, v in measured.choices().items() if k.startswith(prefix)}
+    return BackendInfo(str(device), selected, forced_backend(), reasons, matmul_precision(), choices)
 
 
 def _missing_cuda_device(device: torch.device) -> str | None:

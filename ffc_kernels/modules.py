@@ -32,6 +32,12 @@ otherwise the reference math runs, so training, its gradients and BatchNorm stat
 exactly the reference's. Configurations the fused path does not cover (gated FFC, grouped
 convolutions, norms other than BatchNorm2d, activations other than ReLU, LaMa's optional SE /
 positional-encoding Fourier units) also run the reference math.
+
+Precision of the fused GEMMs (``precision=`` in the constructors, or ``set_precision(model, ...)``
+after ``convert``): "fp32" (fp32-class split TF32), "tf32" or "bf16" for fp32 data. By default
+(None) they do what the 1x1 convolutions they replace would: in an fp32 model follow
+``torch.backends.cudnn.allow_tf32``, in a bf16 model multiply in bf16 (the FFTs' fp32 data
+too). bf16 data always multiplies in bf16; all accumulate in fp32.
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ from ffc_kernels.ops.fourier_unit import fourier_unit
 from ffc_kernels.ops.pointwise_conv import pointwise_conv
 from ffc_kernels.ops.spectral_mix import pack_bias, pack_weight
 
-__all__ = ["FastFFC", "FastFFC_BN_ACT", "FastFFCResnetBlock", "clear_fold_cache", "join_channels"]
+__all__ = ["FastFFC", "FastFFC_BN_ACT", "FastFFCResnetBlock", "clear_fold_cache", "join_channels", "set_precision"]
 
 
 def join_channels(a, b):
@@ -245,13 +251,13 @@ def _conv(x_padded, padding, conv, weight_bias):
     return F.conv2d(x_padded, weight, bias, conv.stride, padding, conv.dilation)
 
 
-def _spectral_forward(st, folded, x_g, residual, relu, out):
+def _spectral_forward(st, folded, x_g, residual, relu, out, precision):
     """SpectralTransform(x_g) (+ residual), bn_g and act_g folded, written into ``out``."""
     x = st.downsample(x_g)
     # conv1's output feeds the FFTs, which run in fp32 whatever the model's dtype.
     t = torch.empty(x.shape[0], folded.w1.shape[0], *x.shape[2:], dtype=torch.float32, device=x.device)
-    pointwise_conv(x, folded.w1, folded.b1, relu=True, out=t)
-    f = fourier_unit(t, folded.fu[0], folded.fu[1], fft_norm=folded.fu[2])
+    pointwise_conv(x, folded.w1, folded.b1, relu=True, out=t, precision=precision)
+    f = fourier_unit(t, folded.fu[0], folded.fu[1], fft_norm=folded.fu[2], precision=precision)
     tiled = None
     if st.enable_lfu:
         # LaMa's local Fourier unit input, built exactly as LaMa builds it (tile height h // 2
@@ -262,8 +268,9 @@ def _spectral_forward(st, folded, x_g, residual, relu, out):
             return None
         xs = torch.cat(torch.split(t[:, : c // 4], split_s, dim=-2), dim=1)
         xs = torch.cat(torch.split(xs, split_s, dim=-1), dim=1).contiguous()
-        tiled = fourier_unit(xs, folded.lfu[0], folded.lfu[1], fft_norm=folded.lfu[2])
-    return pointwise_conv(t, folded.w2, folded.b2, addend=f, tiled=tiled, residual=residual, relu=relu, out=out)
+        tiled = fourier_unit(xs, folded.lfu[0], folded.lfu[1], fft_norm=folded.lfu[2], precision=precision)
+    return pointwise_conv(t, folded.w2, folded.b2, addend=f, tiled=tiled, residual=residual, relu=relu, out=out,
+                          precision=precision)
 
 
 def _needs_grad(module, x) -> bool:
@@ -280,6 +287,9 @@ class _FusedFFCMixin:
 
     _ffc_fold_cache = None
     last_path = None  # "fused" or "reference": which math the last forward ran
+    # The fused GEMMs' precision on fp32 data: "fp32" (split TF32), "tf32" or "bf16"; None follows
+    # torch.backends.cudnn.allow_tf32 at each forward, as the convolutions replaced would.
+    precision = None
 
     def _folded(self, ffc, bn_l, bn_g, dtype, device):
         # Keyed on each source tensor's identity, storage and version: in-place updates
@@ -363,9 +373,19 @@ class _FusedFFCMixin:
                 torch.clamp(y_l, min=0, out=out_l)
             else:
                 out_l.copy_(y_l)
-        if _spectral_forward(st, folded.spectral, x_g, residual, relu_g, out_g) is None:
+        # A bf16 model's convolutions would multiply in bf16, its fp32 spectral data included.
+        precision = self.precision or ("bf16" if ref.dtype == torch.bfloat16 else None)
+        if _spectral_forward(st, folded.spectral, x_g, residual, relu_g, out_g, precision) is None:
             return None
         return out_l, out_g
+
+
+def set_precision(model: nn.Module, precision: str | None) -> None:
+    """Give every fast module in ``model`` the GEMM ``precision`` ("fp32", "tf32", "bf16", or None)."""
+    backends.check_precision(precision)
+    for m in model.modules():
+        if isinstance(m, _FusedFFCMixin):
+            m.precision = precision
 
 
 def clear_fold_cache(model: nn.Module) -> None:
@@ -376,7 +396,11 @@ def clear_fold_cache(model: nn.Module) -> None:
 
 
 class FastFFC(_FusedFFCMixin, reference.FFC):
-    """LaMa's FFC with a fused inference path; same constructor and state_dict keys."""
+    """LaMa's FFC with a fused inference path; same constructor (plus ``precision``) and state_dict keys."""
+
+    def __init__(self, *args, precision=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.precision = backends.check_precision(precision)
 
     def forward(self, x):
         if not self.training and not _needs_grad(self, x):
@@ -391,9 +415,10 @@ class FastFFC(_FusedFFCMixin, reference.FFC):
 class FastFFC_BN_ACT(_FusedFFCMixin, reference.FFC_BN_ACT):
     """LaMa's FFC_BN_ACT with its norms and activations folded into the fused FFC."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, precision=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ffc.__class__ = FastFFC
+        self.precision = self.ffc.precision = backends.check_precision(precision)
 
     def forward(self, x):
         if not self.training and not _needs_grad(self, x):
@@ -410,12 +435,13 @@ class FastFFC_BN_ACT(_FusedFFCMixin, reference.FFC_BN_ACT):
 class FastFFCResnetBlock(reference.FFCResnetBlock):
     """LaMa's FFCResnetBlock whose residual adds run as one in-place add over the joined output."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, precision=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.conv1.__class__ = FastFFC_BN_ACT
         self.conv2.__class__ = FastFFC_BN_ACT
         self.conv1.ffc.__class__ = FastFFC
         self.conv2.ffc.__class__ = FastFFC
+        set_precision(self, precision)
 
     last_path = None  # "fused" or "reference": which math the last forward ran
 

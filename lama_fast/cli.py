@@ -2,6 +2,10 @@
 
     lama-fast inpaint IMAGE MASK -o OUT --checkpoint PATH [--device cpu|cuda] [--reference]
                       [--precision fp32|tf32|bf16] [--tile-size N|auto|off] [--threads N]
+                      [--refine [--refine-iters 15] [--refine-lr 0.002] [--refine-min-side 512]
+                                [--refine-max-scales 3] [--refine-px-budget 1800000]]
+                      [--batch-size N] [--workers N] [--overwrite] [--report FILE]   (directories)
+    torchrun --nproc-per-node N -m lama_fast inpaint IMAGES MASKS -o OUT ...   (one process per GPU)
     lama-fast verify [--size 256] [--device cpu|cuda] [--blocks N] [--seed 0] [--save DIR]
     lama-fast bench [--sizes 512 1024] [--device cpu|cuda] [--no-compile] [--runs N] [--out DIR]
     lama-fast download [big-lama] [--to DIR]
@@ -22,22 +26,22 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 import tqdm
 
 from lama_fast._version import __version__ as SOURCE_VERSION
 from lama_fast.checkpoints import CheckpointError, load_generator
+from lama_fast import folder
 from lama_fast.download import MODELS, DownloadError, cache_directory, download, resolve_checkpoint
+from lama_fast.folder import pair_images_and_masks
+from lama_fast.many import MIN_SIDE, InputError, read_image
 from lama_fast.optimized import PRECISIONS, optimize
 from lama_fast.pipeline import inpaint
+from lama_fast.refinement import refine
 
 __all__ = ["main", "pair_images_and_masks"]
 
 PROG = "lama-fast"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-# LaMa downsamples 8x and reflect-pads by 1 there, so the padded input needs 16 pixels a side.
-MIN_SIDE = 9
 
 NO_CHECKPOINT = f"""\
 {PROG}: error: inpaint needs --checkpoint PATH; no LaMa weights ship with lama-fast.
@@ -121,6 +125,34 @@ def _build_parser() -> argparse.ArgumentParser:
                           "off: never tile")
     run.add_argument("--threads", type=_int_at_least(1), metavar="N",
                      help="CPU threads torch uses (torch.set_num_threads; default: torch's own choice)")
+    refine_group = run.add_argument_group(
+        "refinement", "LaMa's multi-scale feature refinement for large images (slower: a forward and a backward "
+        "per iteration): coherent structure in large holes at 1-2 megapixels; one IMAGE file")
+    refine_group.add_argument("--refine", action="store_true", help="refine the prediction (see lama_fast.refine)")
+    refine_group.add_argument("--refine-iters", type=_int_at_least(1), default=15, metavar="N",
+                              help="Adam iterations per scale (default 15)")
+    refine_group.add_argument("--refine-lr", type=_positive_float, default=0.002, metavar="LR",
+                              help="Adam's learning rate (default 0.002)")
+    refine_group.add_argument("--refine-min-side", type=_int_at_least(1), default=512, metavar="N",
+                              help="one more scale per doubling of the shorter side above N pixels (default 512)")
+    refine_group.add_argument("--refine-max-scales", type=_int_at_least(1), default=3, metavar="N",
+                              help="at most N scales (default 3)")
+    refine_group.add_argument("--refine-px-budget", type=_int_at_least(1), default=1_800_000, metavar="PIXELS",
+                              help="larger images are refined at this many pixels and pasted back (default 1800000)")
+    folders = run.add_argument_group("directories", "with directories as IMAGE and MASK (also under torchrun, "
+                                      "which shards the images over its processes)")
+    folders.add_argument("--batch-size", type=_int_at_least(1), default=1, metavar="N",
+                         help="images of the same padded size per forward on a GPU (default 1); on the CPU "
+                              "they run one at a time, which gives bit-identical results")
+    folders.add_argument("--workers", type=_int_at_least(0), default=None, metavar="N",
+                         help="processes that read and prepare images while the generator runs "
+                              "(default: 4 on a GPU, 1 on the CPU; 0 reads in the main process)")
+    folders.add_argument("--overwrite", action="store_true",
+                         help="inpaint images whose output exists too (default: skip them, so an interrupted "
+                              "run resumes where it stopped)")
+    folders.add_argument("--report", metavar="FILE",
+                         help="write a JSON list with, per image: status (written, skipped, failed, no mask), "
+                              "seconds, error and warnings")
     run.set_defaults(run=_run_inpaint)
 
     check = commands.add_parser(
@@ -183,6 +215,16 @@ def _tile_size(text: str):
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -222,14 +264,17 @@ def _run_inpaint(args) -> int:
         raise CLIError(f"IMAGE and MASK must both be files or both be directories: {image}, {mask}")
 
     if image.is_dir():
-        pairs, unmatched = _plan_directory(image, mask, output)
-        jobs = [(img, msk, output / f"{img.stem}.png") for img, msk in pairs]
+        plan = folder.plan_folder(image, mask, output)
     else:
+        for option, given in (("--report", args.report is not None), ("--overwrite", args.overwrite)):
+            if given:
+                raise CLIError(f"{option} is for directories of images; IMAGE is a file")
+        if folder.launched_by_torchrun():
+            raise CLIError("torchrun shards a directory of images over its processes; IMAGE is a file")
         if output.is_dir():
             output = output / f"{image.stem}.png"
         elif output.suffix.lower() != ".png":
             raise CLIError(f"output must be a .png file or an existing directory, got {output}")
-        jobs, unmatched = [(image, mask, output)], []
 
     if args.dtype is not None and args.precision not in (None, args.dtype):
         raise CLIError(f"--dtype {args.dtype} and --precision {args.precision} disagree; give one of them")
@@ -240,47 +285,69 @@ def _run_inpaint(args) -> int:
     if args.reference and isinstance(args.tile_size, int):
         raise CLIError(f"--tile-size {args.tile_size} needs the optimized generator: the reference runs LaMa's own "
                        "modules whole; drop --reference")
+    refine_options = _refine_options(args, image)
     device = _device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     start = time.monotonic()
-    with _warnings_as_lines():
-        generator = load_generator(str(checkpoint), device=device).eval()
-        if not args.reference:
-            generator = optimize(generator, precision=precision)
-
     if image.is_dir():
-        failed = _inpaint_directory(jobs, generator, device, args.tile_size)
-        written = len(jobs) - failed
-        if failed or unmatched:
-            _error(f"wrote {written} of {len(jobs) + len(unmatched)} images to {output}; "
-                   f"{len(unmatched)} had no mask, {failed} failed")
-            return 1
-        print(f"{PROG}: wrote {written} images to {output} {_resources(start, device)}", file=sys.stderr)
+        return _run_directory(args, plan, precision, device, start)
+    with _warnings_as_lines():
+        generator = _generator(args, checkpoint, precision, device)
+    if refine_options is not None:
+        _refine_file(image, mask, output, generator, device, refine_options)
     else:
-        _inpaint_file(*jobs[0], generator, device, args.tile_size)
-        print(f"{PROG}: wrote {jobs[0][2]} {_resources(start, device)}", file=sys.stderr)
+        _inpaint_file(image, mask, output, generator, device, args.tile_size)
+    print(f"{PROG}: wrote {output} {_resources(start, device)}", file=sys.stderr)
     return 0
 
 
-def _inpaint_directory(jobs, generator, device, tile_size="auto") -> int:
-    """Inpaint every (image, mask, output) job under one progress bar; returns how many failed.
+def _generator(args, checkpoint, precision, device):
+    generator = load_generator(str(checkpoint), device=device).eval()
+    return generator if args.reference else optimize(generator, precision=precision)
 
-    A failing image is reported as one error line and the others go on.
-    """
-    failed = 0
-    with tqdm.tqdm(total=len(jobs), unit="image", file=sys.stderr, dynamic_ncols=True) as bar:
-        for image_path, mask_path, out_path in jobs:
-            bar.set_postfix_str(image_path.name)
-            try:
-                with _warnings_as_lines(f"{image_path.name}: "):
-                    for _ in _steps(image_path, mask_path, out_path, generator, device, tile_size):
-                        pass
-            except (CLIError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as error:
-                failed += 1
-                _print_line(f"{PROG}: error: {_job_error(error, image_path)}")
-            bar.update(1)
-    return failed
+
+def _run_directory(args, plan, precision, device, start) -> int:
+    """A folder, in this process or as one rank of a torchrun job; rank 0 prints the summary and
+    writes the report, and every rank exits with the same status."""
+    rank, world_size = 0, 1
+    if folder.launched_by_torchrun():
+        rank, world_size, rank_device = folder.init_distributed(device.type)
+        device = rank_device or device
+    try:
+        if plan.unmatched and rank == 0:
+            names = ", ".join(p.name for p in plan.unmatched)
+            total = len(plan.jobs) + len(plan.unmatched)
+            print(f"{PROG}: no mask for {len(plan.unmatched)} of {total} images (looked for <stem>_mask.<ext> or "
+                  f"<stem>.<ext> in {Path(args.mask)}), skipping: {names}", file=sys.stderr)
+        if not plan.jobs:
+            raise CLIError(f"no image in {Path(args.image)} has a mask in {Path(args.mask)}")
+        with _warnings_as_lines():
+            generator = _generator(args, resolve_checkpoint(args.checkpoint), precision, device)
+            records = folder.run_folder(plan, generator, batch_size=args.batch_size, overwrite=args.overwrite,
+                                        device=device, num_workers=args.workers, tile_size=args.tile_size,
+                                        rank=rank, world_size=world_size, progress=rank == 0,
+                                        log=lambda kind, message: _print_line(f"{PROG}: {kind}: {message}"))
+        records = folder.gather(records)
+    finally:
+        folder.finish_distributed()
+    if rank == 0:
+        if args.report:
+            folder.write_report(records, args.report)
+        _print_summary(records, plan.output, start, device, world_size)
+    return 1 if any(r.status in ("failed", "no mask") for r in records) else 0
+
+
+def _print_summary(records, output: Path, start: float, device, world_size: int) -> None:
+    count = {status: sum(r.status == status for r in records) for status in ("written", "skipped", "failed", "no mask")}
+    skipped = (f", skipped {count['skipped']} already there (--overwrite redoes them)" if count["skipped"] else "")
+    processes = f" by {world_size} processes" if world_size > 1 else ""
+    if count["failed"] or count["no mask"]:
+        _error(f"wrote {count['written']} of {len(records)} images to {output}{skipped}; "
+               f"{count['no mask']} had no mask, {count['failed']} failed")
+    else:
+        print(f"{PROG}: wrote {count['written']} images to {output}{skipped}{processes} {_resources(start, device)}",
+              file=sys.stderr)
 
 
 _STEPS = ("reading", "inpainting", "writing")
@@ -309,10 +376,37 @@ def _inpaint_file(image_path, mask_path, out_path, generator, device, tile_size=
         bar.close()
 
 
+def _refine_options(args, image: Path) -> dict | None:
+    """lama_fast.refine's options from --refine and its settings (None without --refine)."""
+    if not args.refine:
+        return None
+    if image.is_dir():
+        raise CLIError("--refine takes one IMAGE and MASK file, not directories")
+    if isinstance(args.tile_size, int):
+        raise CLIError(f"--tile-size {args.tile_size} does not apply to --refine, which runs each scale whole")
+    return dict(n_iters=args.refine_iters, lr=args.refine_lr, min_side=args.refine_min_side,
+                max_scales=args.refine_max_scales, px_budget=args.refine_px_budget)
+
+
+def _refine_file(image_path, mask_path, out_path, generator, device, options) -> None:
+    """Refine one image; lama_fast.refine draws its bar over scales and iterations on a terminal."""
+    try:
+        with _warnings_as_lines():
+            image_in, mask_in = read_image(image_path), read_image(mask_path)
+            if min(image_in.size) < MIN_SIDE:
+                raise CLIError(f"{image_path.name} is {image_in.height}x{image_in.width} (HxW); "
+                               f"LaMa needs at least {MIN_SIDE} pixels a side")
+            result = refine(image_in, mask_in, generator, devices=[device], progress=sys.stderr.isatty(), **options)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(result).save(out_path, format="PNG")
+    except (CLIError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as error:
+        raise CLIError(_job_error(error, image_path)) from error
+
+
 def _steps(image_path, mask_path, out_path, generator, device, tile_size="auto"):
     """Inpaint one image, yielding the name of each of _STEPS as it begins."""
     yield _STEPS[0]
-    image_in, mask_in = _read_image(image_path), _read_image(mask_path)
+    image_in, mask_in = read_image(image_path), read_image(mask_path)
     if min(image_in.size) < MIN_SIDE:
         raise CLIError(f"{image_path.name} is {image_in.height}x{image_in.width} (HxW); "
                        f"LaMa needs at least {MIN_SIDE} pixels a side")
@@ -324,8 +418,8 @@ def _steps(image_path, mask_path, out_path, generator, device, tile_size="auto")
 
 
 def _job_error(error: Exception, image_path: Path) -> str:
-    # CLIErrors name their file already; the others (from inpaint, Pillow, torch) do not.
-    return _one_line(error) if isinstance(error, CLIError) else f"{image_path.name}: {_one_line(error)}"
+    # CLIErrors and InputErrors name their file already; the others (from inpaint, Pillow, torch) do not.
+    return _one_line(error) if isinstance(error, (CLIError, InputError)) else f"{image_path.name}: {_one_line(error)}"
 
 
 def _print_line(line: str) -> None:
@@ -364,66 +458,6 @@ def _resources(start: float, device: torch.device) -> str:
 
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
-
-
-def pair_images_and_masks(image_dir: Path, mask_dir: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
-    """Pair each image ``<stem>.<ext>`` in ``image_dir`` with ``<stem>_mask.<ext>`` or ``<stem>.<ext>``
-    in ``mask_dir`` (``_mask`` and ``.png`` preferred). Returns (pairs, images without a mask).
-
-    When both are the same directory, files named ``*_mask.*`` are masks, not images.
-    """
-    image_dir, mask_dir = Path(image_dir), Path(mask_dir)
-    same = image_dir.resolve() == mask_dir.resolve()
-    masks = {(p.stem, p.suffix.lower()): p for p in mask_dir.iterdir()
-             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
-    pairs, unmatched = [], []
-    for image in sorted(image_dir.iterdir()):
-        if not image.is_file() or image.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        if same and image.stem.endswith("_mask"):
-            continue
-        candidates = [(image.stem + tail, ext) for tail in ("_mask", "") for ext in IMAGE_SUFFIXES]
-        found = next((masks[key] for key in candidates if key in masks and masks[key].resolve() != image.resolve()), None)
-        if found is None:
-            unmatched.append(image)
-        else:
-            pairs.append((image, found))
-    return pairs, unmatched
-
-
-def _plan_directory(image_dir: Path, mask_dir: Path, output: Path):
-    if output.exists() and not output.is_dir():
-        raise CLIError(f"with directories as IMAGE and MASK, OUT must be a directory; {output} is a file")
-    if output.resolve() in (image_dir.resolve(), mask_dir.resolve()):
-        raise CLIError(f"the output directory must differ from the image and mask directories: {output}")
-    pairs, unmatched = pair_images_and_masks(image_dir, mask_dir)
-    if not pairs and not unmatched:
-        raise CLIError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
-    stems = {}
-    for image, _ in pairs:
-        if image.stem in stems:
-            raise CLIError(f"{stems[image.stem].name} and {image.name} would both be written to "
-                           f"{output / (image.stem + '.png')}")
-        stems[image.stem] = image
-    if unmatched:
-        names = ", ".join(p.name for p in unmatched)
-        print(f"{PROG}: no mask for {len(unmatched)} of {len(pairs) + len(unmatched)} images "
-              f"(looked for <stem>_mask.<ext> or <stem>.<ext> in {mask_dir}), skipping: {names}", file=sys.stderr)
-    if not pairs:
-        raise CLIError(f"no image in {image_dir} has a mask in {mask_dir}")
-    return pairs, unmatched
-
-
-def _read_image(path: Path) -> PIL.Image.Image:
-    """A file as a PIL image, turned upright by its EXIF orientation (as OpenCV's imread does in LaMa)."""
-    try:
-        with PIL.Image.open(path) as opened:
-            opened.load()
-            return PIL.ImageOps.exif_transpose(opened)
-    except PIL.UnidentifiedImageError:
-        raise CLIError(f"cannot read {path}: not an image file, or a format Pillow cannot read") from None
-    except OSError as error:
-        raise CLIError(f"cannot read {path}: {_one_line(error)}") from None
 
 
 # ------------------------------------------------------------------------------- verify and bench

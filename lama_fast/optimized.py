@@ -63,17 +63,21 @@ import torch.nn.functional as F
 import ffc_kernels
 from ffc_kernels import backends
 from ffc_kernels.fold import batchnorm_affine, fold
-from ffc_kernels.modules import FastFFC_BN_ACT, FastFFCResnetBlock
+from ffc_kernels.modules import FastFFC_BN_ACT, FastFFCResnetBlock, set_precision
 from ffc_kernels.modules import _relu_flag as fused_relu_flag
 from ffc_kernels.ops import dense
 from ffc_kernels.ops.fourier_unit import fourier_unit
 from ffc_kernels.ops.pointwise_conv import pointwise_conv
 from ffc_kernels.ops.spectral_mix import pack_bias, pack_weight
-from ffc_kernels.ops.spectral_transform import spectral_gemm_weights, spectral_transform_nhwc
-from ffc_kernels.ops.winograd import winograd_conv2d, winograd_weight
+from ffc_kernels.ops.spectral_transform import (
+    spectral_gemm_weights,
+    spectral_transform_nhwc,
+    spectral_transform_nhwc_backward,
+)
+from ffc_kernels.ops.winograd import winograd_conv2d, winograd_conv2d_input_grad, winograd_weight
 from lama_fast import tiling
 
-__all__ = ["optimize", "PRECISIONS", "plan_info", "refold"]
+__all__ = ["optimize", "PRECISIONS", "generator_plan", "plan_info", "refold"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 _CL = torch.channels_last
@@ -91,7 +95,7 @@ _SIZES_KEPT = 4  # input sizes whose size-dependent spectral weights are kept
 class _Precision:
     name: str            # what runs: fp32, tf32 or bf16
     dtype: torch.dtype   # weights and activations
-    dot: str             # the Triton dot flavour for fp32 operands
+    dot: str             # the fused ops' precision argument (fp32 = split TF32), always explicit
     allow_tf32: bool     # cuDNN / cuBLAS TF32 on CUDA
 
 
@@ -118,7 +122,7 @@ def _resolve_precision(name: str, device: torch.device) -> _Precision:
         return _Precision("bf16", torch.bfloat16, "bf16", True)
     if name == "tf32" and device.type == "cuda":
         return _Precision("tf32", torch.float32, "tf32", True)
-    return _Precision("fp32", torch.float32, "tf32x3", False)
+    return _Precision("fp32", torch.float32, "fp32", False)
 
 
 class _Switch:
@@ -315,6 +319,13 @@ class _SpectralFFC:
 
     def __call__(self, state, plan):
         x_l, x_g = state
+        if torch.is_grad_enabled() and (x_l.requires_grad or x_g.requires_grad):
+            return _SpectralFFCGrad.apply(x_l, x_g, self, plan)
+        return self.forward(x_l, x_g, plan)
+
+    def forward(self, x_l, x_g, plan, masks=None):
+        """The FFC's outputs; ``masks`` (a list, torch backend) receives the global branch's inner
+        ReLU masks for ``input_grad``."""
         if self.winograd is not None:
             padded = dense.reflect_pad_cat((x_l, x_g), 1)
             u_local, u_l2g, b_local, b_l2g = self.winograd
@@ -335,21 +346,78 @@ class _SpectralFFC:
             y_g = self.l2g(x_l, padded=padded_l)
         if plan.backend != "torch":
             return y_l, self._fused_global(x_g, y_g, plan)
-        h, w = x_g.shape[-2:]
+        return y_l, spectral_transform_nhwc(x_g, y_g, *self._gemm_operands(*x_g.shape[-2:]), relu=self.relu_g,
+                                            masks=masks)
+
+    def _gemm_operands(self, h, w):
         operands = self.gemm.get((h, w))
         if operands is None:  # the FFT normalisation folded into the mix depends on the size
             operands = self.gemm[(h, w)] = spectral_gemm_weights(
                 *self.spectral, fft_norm=self.fft_norm, height=h, width=w, dtype=self.dtype)
             while len(self.gemm) > _SIZES_KEPT:
                 self.gemm.popitem(last=False)
-        return y_l, spectral_transform_nhwc(x_g, y_g, *operands, relu=self.relu_g)
+        return operands
+
+    def input_grad(self, shapes, x_g, masks, g_l, g_g, plan):
+        """(d x_l, d x_g) of this FFC from the gradients of its outputs before their ReLUs.
+
+        The exchange's 3x3 convolutions are linear in [x_l | x_g]: their adjoint is the
+        transposed convolution of the gradients (Winograd's own algorithm transposed where the
+        forward runs Winograd, ``winograd_conv2d_input_grad``), then the reflection padding's
+        adjoint; it needs nothing from the forward. Nor does the global branch's
+        (``spectral_transform_nhwc_backward``) but for its inner ReLU masks ``masks``; with the
+        fused ops (``masks`` None) it is taken by autograd on a recomputation from x_g.
+        ``shapes``: those of x_l and x_g.
+        """
+        cl = shapes[0][1]
+        h, w = shapes[0][-2:]
+        g_l = g_l.contiguous(memory_format=_CL)
+        g_g = g_g.contiguous(memory_format=_CL)
+        if self.winograd is not None:
+            u_local, u_l2g = self.winograd[:2]
+            d_pad = winograd_conv2d_input_grad([g_l, g_g], [(u_local, u_local.shape[1]), (u_l2g, cl)], (h, w))
+            reflect = 1
+        else:
+            local, l2g = self.g2l, self.l2g  # merged: g2l's weight is [l2l | g2l] already
+            w_local = local.weight if self.merged else torch.cat([self.l2l.weight, self.g2l.weight], dim=1)
+            reflect = local.reflect
+            padded = (shapes[0][0], w_local.shape[1], h + 2 * reflect, w + 2 * reflect)
+            d_pad = torch.nn.grad.conv2d_input(padded, w_local, g_l, local.stride, local.padding, local.dilation)
+            d_pad[:, :cl] += torch.nn.grad.conv2d_input((padded[0], cl, *padded[2:]), l2g.weight, g_g, l2g.stride,
+                                                        l2g.padding, l2g.dilation)
+        d_in = dense.reflect_pad_adjoint(d_pad, reflect) if reflect else d_pad
+        if masks is not None:
+            w1, _, w_fu, _, w2 = self._gemm_operands(h, w)
+            d_g = spectral_transform_nhwc_backward(g_g, masks, w1, w_fu, w2, width=w)
+        else:
+            d_g = self._global_input_grad(x_g, g_g, plan)
+        return d_in[:, :cl], d_g.add_(d_in[:, cl:])
+
+    def _global_input_grad(self, x_g, g_g, plan):
+        """d x_g of conv2(t + FourierUnit(t)), t = relu(conv1(x_g)), with the fused ops, for the
+        gradient ``g_g`` of its output: the 1x1 convolutions' adjoints are ``pointwise_conv``
+        with the transposed weights, the FourierUnit's is taken by autograd (FFTs for the FFTs,
+        ``spectral_mix``'s own backward for the mix) on t, recomputed."""
+        w1, b1, w_fu, b_fu, w2 = self.fused
+        kw = dict(precision=plan.precision.dot)  # each op measures its backend (backends.select)
+        n, _, h, w = x_g.shape
+        # fp32 and NCHW as the forward's t (the FFTs' input), and the gradient beside it
+        t = pointwise_conv(x_g, w1, b1, relu=True, out=x_g.new_empty(n, w1.shape[0], h, w, dtype=torch.float32),
+                           **kw)
+        g_u = pointwise_conv(g_g, w2.t().contiguous(), None, out=torch.empty_like(t), **kw)
+        with torch.enable_grad():
+            t_in = t.requires_grad_()
+            f = fourier_unit(t_in, w_fu, b_fu, fft_norm=self.fft_norm, **kw)
+            (g_t,) = torch.autograd.grad(f, t_in, g_u)
+        g_t = (g_t + g_u).mul_(t > 0)  # t + fu(t), then conv1's ReLU
+        return pointwise_conv(g_t, w1.t().contiguous(), None, **kw).to(x_g.dtype)
 
     def _fused_global(self, x_g, y_g, plan):
         w1, b1, w_fu, b_fu, w2 = self.fused
         n, _, h, w = x_g.shape
         # The FFTs read conv1's output in fp32 and NCHW (contiguous (H, W) planes).
         t = torch.empty(n, w1.shape[0], h, w, dtype=torch.float32, device=x_g.device)
-        kw = dict(precision=plan.precision.dot, backend=plan.backend)
+        kw = dict(precision=plan.precision.dot)  # each op measures its backend (backends.select)
         pointwise_conv(x_g, w1, b1, relu=True, out=t, **kw)
         f = fourier_unit(t, w_fu, b_fu, fft_norm=self.fft_norm, **kw)
         return pointwise_conv(t, w2, None, addend=f, residual=y_g, relu=self.relu_g, out=y_g, **kw)
@@ -362,9 +430,39 @@ class _ResidualBlock:
 
     def __call__(self, state, plan):
         y_l, y_g = self.conv2(self.conv1(state, plan), plan)
+        if torch.is_grad_enabled() and (y_l.requires_grad or y_g.requires_grad):
+            return y_l + state[0], y_g + state[1]
         y_l += state[0]
         y_g += state[1]
         return y_l, y_g
+
+
+class _SpectralFFCGrad(torch.autograd.Function):
+    """A residual FFC whose inputs need gradients (LaMa's refinement optimises the features that
+    enter the residual blocks). The forward is the plan's own fused one. It keeps the ReLU masks
+    (bools) and nothing else: the FFC is linear between its ReLUs, so ``_SpectralFFC.input_grad``
+    needs only the weights and the masks (with the fused ops, x_g too, from which it recomputes
+    conv1 and the spectra). The folded weights are constants (the plan runs with frozen weights)."""
+
+    @staticmethod
+    def forward(ctx, x_l, x_g, step, plan):
+        masks = [] if plan.backend == "torch" else None
+        y_l, y_g = step.forward(x_l, x_g, plan, masks=masks)
+        ctx.step, ctx.plan, ctx.shapes, ctx.has_masks = step, plan, (x_l.shape, x_g.shape), masks is not None
+        ctx.save_for_backward(y_l > 0 if step.relu_l else None, y_g > 0 if step.relu_g else None,
+                              *(masks if masks is not None else (x_g,)))
+        return y_l, y_g
+
+    @staticmethod
+    def backward(ctx, g_l, g_g):
+        mask_l, mask_g, *kept = ctx.saved_tensors
+        dtype = ctx.plan.precision.dtype
+        g_l = g_l.new_zeros(ctx.shapes[0]) if g_l is None else g_l if mask_l is None else g_l * mask_l
+        g_g = g_g.new_zeros(ctx.shapes[1]) if g_g is None else g_g if mask_g is None else g_g * mask_g
+        x_g, masks = (None, kept) if ctx.has_masks else (kept[0], None)
+        with _cuda_precision(ctx.plan.device, ctx.plan.precision.allow_tf32):
+            d_l, d_g = ctx.step.input_grad(ctx.shapes, x_g, masks, g_l.to(dtype), g_g.to(dtype), ctx.plan)
+        return d_l, d_g, None, None
 
 
 @dataclasses.dataclass
@@ -405,6 +503,27 @@ class _Plan:
         y = state[0]
         out = torch.empty(y.shape, dtype=torch.float32, device=y.device)  # NCHW, written by the last op
         return self._activation(y, out)
+
+    def first_block(self) -> int:
+        """Index in ``steps`` of the first residual block: LaMa's refinement optimises the features
+        entering it (the front, ``steps[:first_block()]``, runs once per scale)."""
+        return next((i for i, step in enumerate(self.steps) if isinstance(step, _ResidualBlock)), len(self.steps))
+
+    def run_steps(self, state, start: int = 0, stop: int | None = None):
+        """``steps[start:stop]`` on a (local, global) state in the plan's dtype (channels_last; global
+        None where there is none). Differentiable with respect to the state when it requires grad."""
+        with _cuda_precision(self.device, self.precision.allow_tf32):
+            for step in self.steps[start:stop]:
+                state = step(state, self)
+        return state
+
+    def output(self, state):
+        """The generator's output (float32, NCHW) from the state after the last step."""
+        y = state[0] if state[1] is None else torch.cat(state, dim=1)
+        if torch.is_grad_enabled() and y.requires_grad:
+            y = y.float().contiguous()
+            return {"sigmoid": torch.sigmoid, "tanh": torch.tanh}.get(self.activation, lambda t: t)(y)
+        return self._activation(y, torch.empty(y.shape, dtype=torch.float32, device=y.device))
 
     def _activation(self, y, out):
         if self.activation == "sigmoid":
@@ -764,6 +883,8 @@ class _Optimized:
             # Layers swapped in after optimize() are LaMa's own classes: their fast twins are what
             # the plan recognises. Converting changes their types, so the signature is taken after.
             ffc_kernels.convert(generator)
+            # What runs when the plan does not apply: the fused modules, at the asked precision.
+            set_precision(generator, precision.dot)
             signature = _signature(generator)
             self.plan, self.why_not = _build_plan(generator, precision, device, backend), None
         except _NotLaMa as exc:
@@ -900,6 +1021,15 @@ def refold(generator: nn.Module) -> None:
     state = getattr(generator, "_lama_fast", None)
     if state is not None:
         state.clear()
+
+
+def generator_plan(generator: nn.Module) -> _Plan | None:
+    """The plan an optimized generator runs now (folded for its current weights), or None when it
+    is not optimized or its own forward runs (see ``plan_info``'s why_not)."""
+    state = getattr(generator, "_lama_fast", None)
+    if not isinstance(state, _Optimized) or generator.training:
+        return None
+    return state.plan_for(generator)
 
 
 def plan_info(generator: nn.Module) -> dict:

@@ -19,6 +19,7 @@ It follows LaMa's ``bin/predict.py`` and ``DefaultInpaintingTrainingModule.forwa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import warnings
@@ -52,7 +53,8 @@ def pad_to_modulo(array: np.ndarray, modulo: int) -> np.ndarray:
     return np.pad(array, [(0, pad_h), (0, pad_w)] + [(0, 0)] * (array.ndim - 2), mode="symmetric")
 
 
-def inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8, tile_size="auto") -> np.ndarray:
+def inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8, tile_size="auto", refine: bool = False,
+            **refine_options) -> np.ndarray:
     """Inpaint ``image`` where ``mask`` is set, with a LaMa ``generator``; returns HxWx3 uint8 RGB.
 
     ``image``: numpy HxWx3 (uint8, or float in [0, 1]), a PIL image (converted to RGB), or a torch
@@ -69,7 +71,19 @@ def inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8, tile_si
     would not fit in the device's free memory, with the largest tile that fits, and raises
     ``MemoryError`` before running when nothing fits; an integer tiles with that size; None never
     tiles. Other generators run as they are.
+    ``refine=True``: LaMa's multi-scale feature refinement for large images instead of one forward
+    (``lama_fast.refine``, whose options ``n_iters``, ``lr``, ``min_side``, ``max_scales``,
+    ``px_budget``, ``devices`` and ``progress`` are passed on); ``device`` then names the one
+    device it runs on unless ``devices`` is given, and ``tile_size`` does not apply.
     """
+    if refine:
+        from lama_fast.refinement import refine as refine_
+
+        if device is not None:
+            refine_options.setdefault("devices", [device])
+        return refine_(image, mask, generator, pad_modulo=pad_modulo, **refine_options)
+    if refine_options:
+        raise TypeError(f"inpaint got refinement options without refine=True: {', '.join(sorted(refine_options))}")
     result, _ = _inpaint(image, mask, generator, device=device, pad_modulo=pad_modulo, tile_size=tile_size)
     return result
 
@@ -78,10 +92,69 @@ def _inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8,
              tile_size="auto") -> tuple[np.ndarray, torch.Tensor | None]:
     """``inpaint``, also returning the raw (padded) generator output for comparisons (None when the
     mask sets no pixel and the generator is not run)."""
+    _check_generator(generator)
+    prepared = prepare(image, mask, pad_modulo)
+    _warn_if_training(generator)
+    if prepared.empty:
+        warnings.warn(EMPTY_MASK, UserWarning, stacklevel=3)
+        return prepared.unchanged(), None
+    device, dtype = _placement(generator, device)
+    image_t, mask_t = prepared.tensors(device, dtype)
+    with torch.inference_mode(), _tiles(generator, image_t.shape[-2:], device, tile_size):
+        prediction, inpainted = forward_and_composite(generator, image_t, mask_t)
+    return prepared.finish(inpainted[0]), prediction
+
+
+EMPTY_MASK = ("the mask sets no pixel, so there is nothing to inpaint and the image is returned unchanged "
+              "(8-bit masks are set where a channel is > 127, other masks where it is > 0)")
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One image and mask, converted, binarised and padded as LaMa does: everything before the
+    generator, done on the CPU (a ``DataLoader`` worker does it for ``inpaint_many``)."""
+
+    image: np.ndarray  # float32 3 x Hp x Wp in [0, 1], padded
+    mask: np.ndarray  # float32 Hp x Wp, 0 or 1, padded
+    selected: np.ndarray  # bool H x W, the binarised mask before padding
+    original: np.ndarray | None  # the uint8 H x W x 3 input, or None for float input
+
+    @property
+    def empty(self) -> bool:
+        return not self.selected.any()
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        return self.mask.shape
+
+    def unchanged(self) -> np.ndarray:
+        """The result when the mask sets no pixel: the input as uint8."""
+        if self.original is not None:
+            return self.original.copy()
+        height, width = self.selected.shape
+        return np.clip(self.image[:, :height, :width].transpose(1, 2, 0) * 255, 0, 255).astype(np.uint8)
+
+    def tensors(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1x3xHpxWp image, 1x1xHpxWp mask) on ``device`` in ``dtype``."""
+        image_t = torch.from_numpy(self.image)[None].to(device=device, dtype=dtype)
+        mask_t = torch.from_numpy(self.mask)[None, None].to(device=device, dtype=dtype)
+        return image_t, mask_t
+
+    def finish(self, inpainted: torch.Tensor) -> np.ndarray:
+        """The composited 3xHpxWp output -> uint8 HxWx3, unmasked pixels copied from uint8 input."""
+        height, width = self.selected.shape
+        array = inpainted[:, :height, :width].permute(1, 2, 0).float().cpu().numpy()
+        result = np.clip(array * 255, 0, 255).astype(np.uint8)
+        if self.original is not None:
+            keep = ~self.selected
+            result[keep] = self.original[keep]
+        return result
+
+
+def prepare(image, mask, pad_modulo: int = 8) -> Prepared:
+    """Check, convert, binarise and pad one image and mask (see ``inpaint`` for what is accepted)."""
     if isinstance(pad_modulo, bool) or not isinstance(pad_modulo, int) or pad_modulo < 1:
         raise ValueError(f"pad_modulo must be a positive integer, got {pad_modulo!r}")
-    if not callable(generator):
-        raise TypeError(f"generator must be a torch.nn.Module (or callable), got {type(generator).__name__}")
     image_f, original = _image_to_array(image)
     mask_b = _mask_to_array(mask)
     if image_f.shape[:2] != mask_b.shape:
@@ -89,50 +162,40 @@ def _inpaint(image, mask, generator, *, device=None, pad_modulo: int = 8,
             f"image and mask sizes differ: image is {_hxw(image_f.shape)} (HxW), "
             f"mask is {_hxw(mask_b.shape)} (HxW)"
         )
+    padded_image = np.ascontiguousarray(pad_to_modulo(image_f, pad_modulo).transpose(2, 0, 1))
+    padded_mask = np.ascontiguousarray(pad_to_modulo(mask_b, pad_modulo).astype(np.float32))
+    return Prepared(padded_image, padded_mask, mask_b, original)
+
+
+def forward_and_composite(generator, image_t: torch.Tensor, mask_t: torch.Tensor):
+    """(prediction, mask * prediction + (1 - mask) * image) for a batch of padded NCHW inputs."""
+    prediction = generator(torch.cat([image_t * (1 - mask_t), mask_t], dim=1))
+    if not torch.is_tensor(prediction) or prediction.shape != image_t.shape:
+        got = tuple(prediction.shape) if torch.is_tensor(prediction) else type(prediction).__name__
+        raise ValueError(f"the generator returned {got}; expected a tensor of shape {tuple(image_t.shape)}")
+    if not torch.isfinite(prediction).all():
+        raise ValueError("the generator output contains NaN or inf")
+    return prediction, mask_t * prediction + (1 - mask_t) * image_t
+
+
+def _check_generator(generator) -> None:
+    if not callable(generator):
+        raise TypeError(f"generator must be a torch.nn.Module (or callable), got {type(generator).__name__}")
+
+
+def _warn_if_training(generator) -> None:
     if getattr(generator, "training", False):
         warnings.warn(
             "the generator is in training mode, so its BatchNorm layers use batch statistics; "
             "call generator.eval() first",
-            stacklevel=3,
+            stacklevel=4,
         )
-    if not mask_b.any():
-        warnings.warn(
-            "the mask sets no pixel, so there is nothing to inpaint and the image is returned unchanged "
-            "(8-bit masks are set where a channel is > 127, other masks where it is > 0)",
-            UserWarning,
-            stacklevel=3,
-        )
-        if original is not None:
-            return original.copy(), None
-        return np.clip(image_f * 255, 0, 255).astype(np.uint8), None
-
-    device, dtype = _placement(generator, device)
-    height, width = mask_b.shape
-    padded_image = pad_to_modulo(image_f, pad_modulo).transpose(2, 0, 1)
-    padded_mask = pad_to_modulo(mask_b, pad_modulo).astype(np.float32)
-    image_t = torch.from_numpy(np.ascontiguousarray(padded_image))[None].to(device=device, dtype=dtype)
-    mask_t = torch.from_numpy(padded_mask)[None, None].to(device=device, dtype=dtype)
-
-    with torch.inference_mode(), _tiles(generator, image_t.shape[-2:], device, tile_size):
-        prediction = generator(torch.cat([image_t * (1 - mask_t), mask_t], dim=1))
-        if not torch.is_tensor(prediction) or prediction.shape != image_t.shape:
-            got = tuple(prediction.shape) if torch.is_tensor(prediction) else type(prediction).__name__
-            raise ValueError(f"the generator returned {got}; expected a tensor of shape {tuple(image_t.shape)}")
-        if not torch.isfinite(prediction).all():
-            raise ValueError("the generator output contains NaN or inf")
-        inpainted = mask_t * prediction + (1 - mask_t) * image_t
-        inpainted = inpainted[0, :, :height, :width].permute(1, 2, 0).float().cpu().numpy()
-
-    result = np.clip(inpainted * 255, 0, 255).astype(np.uint8)
-    if original is not None:
-        keep = ~mask_b
-        result[keep] = original[keep]
-    return result, prediction
 
 
 @contextlib.contextmanager
-def _tiles(generator, size, device, tile_size):
-    """The optimized generator's tile size for this forward (see ``inpaint``), restored afterwards."""
+def _tiles(generator, size, device, tile_size, batch: int = 1):
+    """The optimized generator's tile size for a forward of ``batch`` images of ``size`` (see
+    ``inpaint``), restored afterwards."""
     state = getattr(generator, "_lama_fast", None)
     if tile_size != "auto" and tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int)):
         raise ValueError(f"tile_size must be 'auto', None or an integer, got {tile_size!r}")
@@ -146,7 +209,7 @@ def _tiles(generator, size, device, tile_size):
             if budget is not None:
                 blocks = sum(1 for m in generator.modules() if type(m).__name__.endswith("FFCResnetBlock"))
                 name = next((n for n, c in GENERATOR_CONFIGS.items() if c["n_blocks"] == blocks), "big-lama")
-                chosen = choose_tile_size(int(size[0]), int(size[1]), budget, generator=name,
+                chosen = choose_tile_size(int(size[0]), int(size[1]), budget, generator=name, batch=batch,
                                           precision=state.requested, device=device)
                 if chosen is not None:
                     optimize(generator, precision=state.requested, cuda_graphs=state.cuda_graphs, tile_size=chosen)

@@ -38,14 +38,26 @@ def test_unknown_backend_is_an_error(monkeypatch):
         backends.select(torch.device("cpu"))
 
 
-def test_matmul_precision_follows_torch(monkeypatch):
-    saved = torch.get_float32_matmul_precision()
+def test_default_precision_follows_cudnn_tf32_like_the_convolutions_replaced():
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
-        for setting, expected in (("highest", "tf32x3"), ("high", "tf32"), ("medium", "bf16")):
-            torch.set_float32_matmul_precision(setting)
-            assert backends.matmul_precision() == expected
+        for matmul in ("highest", "medium"):  # torch's matmul setting governs matmuls, not convolutions
+            torch.set_float32_matmul_precision(matmul)
+            for allow_tf32, expected in ((True, "tf32"), (False, "fp32")):
+                torch.backends.cudnn.allow_tf32 = allow_tf32
+                assert backends.matmul_precision() == expected
+                assert f"precision on fp32 data: {expected} " in str(backends.backend_info("cpu"))
     finally:
-        torch.set_float32_matmul_precision(saved)
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def test_precision_names_are_checked():
+    assert backends.check_precision(None) is None
+    for name in ("fp32", "tf32", "bf16"):
+        assert backends.check_precision(name) == name
+    with pytest.raises(ValueError, match="fp32, tf32, bf16"):
+        backends.check_precision("tf32x3")
 
 
 def test_report_is_readable(monkeypatch):

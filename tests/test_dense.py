@@ -112,3 +112,31 @@ def test_space_to_depth_declines_what_it_cannot_do():
     weight = torch.randn(3, 4, 7, 7)
     out = dense.reflect_conv2d(x, weight, None, 3, s2d=dense.space_to_depth_weight(weight))
     torch.testing.assert_close(out, _reference(x, weight, None, 3, 1, 1, False, None), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pad", [1, 2, 3])
+@pytest.mark.parametrize("size", [(7, 9), (8, 8)])
+def test_reflect_pad_adjoint_is_the_pads_gradient(pad, size):
+    x = torch.randn(2, 5, *size, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 5, size[0] + 2 * pad, size[1] + 2 * pad, dtype=torch.float64)
+    F.pad(x, (pad,) * 4, mode="reflect").backward(grad)
+    got = dense.reflect_pad_adjoint(grad.contiguous(memory_format=torch.channels_last), pad)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, x.grad, rtol=0, atol=1e-12)
+
+
+def test_reflect_conv2d_under_autograd_pads_once(monkeypatch):
+    """Inputs that need gradients take one reflection pad and one convolution (the border
+    recomputation's in-place strip writes would copy the output for autograd): same values,
+    the reference's gradient."""
+    monkeypatch.setattr(dense, "FIXUP_MIN_PIXELS", 0)
+    x = torch.randn(1, 6, 20, 22, dtype=torch.float64)
+    weight = torch.randn(5, 6, 3, 3, dtype=torch.float64)
+    leaf = x.clone().requires_grad_()
+    y = dense.reflect_conv2d(leaf, weight, None, 1, relu=True)
+    with torch.no_grad():
+        torch.testing.assert_close(y, dense.reflect_conv2d(x, weight, None, 1, relu=True))
+    y.sum().backward()
+    ref = x.clone().requires_grad_()
+    F.conv2d(F.pad(ref, (1,) * 4, mode="reflect"), weight).relu().sum().backward()
+    torch.testing.assert_close(leaf.grad, ref.grad)

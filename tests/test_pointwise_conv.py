@@ -31,6 +31,53 @@ def test_matches_reference_fp32(fp32, device, backend, shape, variant):
     assert_close_to_reference(fast, exact, plain)
 
 
+# (B, Ci, Co, H, W, tile H, tile W): tiles taller than wide and wider than tall, so swapping the
+# tile's two extents (or its two strides) reads the wrong values; odd sizes; one tile spanning a whole
+# axis; channel counts that are not multiples of 16.
+TILED_SHAPES = [(2, 19, 21, 12, 10, 6, 2), (3, 7, 5, 6, 9, 2, 9), (1, 33, 17, 9, 15, 3, 5), (2, 16, 40, 8, 12, 8, 3)]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("shape", TILED_SHAPES)
+def test_non_square_tiled_addend(fp32, device, backend, shape):
+    b, ci, co, h, w, th, tw = shape
+    x, wt, bias, addend, _, residual = _inputs(b, ci, co, h, w, device, seed=3)
+    tiled = torch.randn(b, ci, th, tw, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device)
+    kw = dict(addend=addend, tiled=tiled, residual=residual, relu=True)
+    exact = pointwise_conv_reference(x, wt, bias, **kw)
+    f32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    plain = pointwise_conv_reference(x.float(), wt.float(), bias.float(), **f32)
+    fast = pointwise_conv(x.float(), wt.float(), bias.float(), backend=backend, **f32)
+    assert_close_to_reference(fast, exact, plain)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_strided_views_everywhere(fp32, device, backend):
+    # Every operand a view whose (H, W) plane is not contiguous: spatial steps and offsets, a
+    # transposed tile, channels_last, and an output that is a strided slice of a larger buffer.
+    b, ci, co, h, w = 2, 11, 13, 6, 10
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    x = r(b, ci + 3, 2 * h, w + 1)[:, 2:2 + ci, ::2, 1:]
+    addend = r(b, ci, h, w).to(memory_format=torch.channels_last)
+    tiled = r(b, ci, w // 2, h // 3).transpose(2, 3)  # (B, Ci, 2, 5) with the W stride the larger
+    residual = r(b, co, h, 2 * w)[..., ::2]
+    wt, bias = r(co, ci) / ci ** 0.5, r(co)
+    big = torch.full((b, 2 * co, h + 1, w), 7.0, device=device)
+    out = big[:, ::2, 1:]
+    assert not any(t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+                   for t in (x, tiled, residual, out))
+    kw = dict(addend=addend, tiled=tiled, residual=residual, relu=True)
+    exact = pointwise_conv_reference(x.double(), wt.double(), bias.double(),
+                                     **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    plain = pointwise_conv_reference(x, wt, bias, **kw)
+    pointwise_conv(x, wt, bias, out=out, backend=backend, **kw)
+    assert_close_to_reference(out, exact, plain)
+    untouched = torch.ones_like(big, dtype=torch.bool)
+    untouched[:, ::2, 1:] = False
+    assert (big[untouched] == 7).all(), "wrote outside its view"
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_writes_into_a_channel_slice_channels_last(fp32, device, backend):
     x, wt, bias, addend, _, residual = _inputs(2, 12, 10, 6, 8, device, seed=1)
@@ -82,14 +129,28 @@ def test_rejects_bad_inputs():
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_non_contiguous_bias(device, backend):
+def test_non_contiguous_bias(fp32, device, backend):
     x, w, b = torch.randn(1, 8, 4, 4), torch.randn(6, 8), torch.randn(12)[::2]
     fast = pointwise_conv(x.to(device), w.to(device), b.to(device), backend=backend)
     assert max_err(fast, pointwise_conv_reference(x.double(), w.double(), b.double())) < 1e-5
 
 
 @pytest.mark.parametrize("device,backend", [db for db in DEVICE_BACKENDS if db[1] == "triton"])
-def test_channel_offsets_past_two_to_the_31(device, backend):
+def test_plane_offsets_past_two_to_the_31(fp32, device, backend):
+    # Row stride S < 2^31 with 2 * S > 2^31: offsets within one (H, W) plane overflow int32. The
+    # view touches 16 floats per row of a lazily allocated buffer, so little memory is used.
+    s, rows = 1_073_741_840, 3
+    storage = torch.empty(rows * s, device=device)
+    x = storage.as_strided((1, 1, rows, 16), (rows * s, rows * s, s, 1))
+    for i in range(rows):
+        storage[i * s: i * s + 16] = torch.randn(16, device=device)
+    w = torch.randn(4, 1, device=device)
+    fast = pointwise_conv(x, w, backend=backend)
+    assert max_err(fast, pointwise_conv_reference(x.double(), w.double())) < 1e-5
+
+
+@pytest.mark.parametrize("device,backend", [db for db in DEVICE_BACKENDS if db[1] == "triton"])
+def test_channel_offsets_past_two_to_the_31(fp32, device, backend):
     # Channel stride S with 2 * S > 2^31 elements: a channel offset overflows int32. The views
     # touch 16 floats per channel of a lazily allocated buffer, so little memory is used.
     s, c = 1_073_741_888, 3
@@ -100,3 +161,59 @@ def test_channel_offsets_past_two_to_the_31(device, backend):
     w = torch.randn(4, c, device=device)
     fast = pointwise_conv(x, w, backend=backend)
     assert max_err(fast, pointwise_conv_reference(x.double(), w.double())) < 1e-5
+
+
+def _grads(fn, tensors, grad_out, wanted):
+    """The gradients of sum(fn(*tensors) * grad_out) for the tensors flagged in ``wanted``."""
+    leaves = [t.detach().clone().requires_grad_(w) if t is not None else None for t, w in zip(tensors, wanted)]
+    out = fn(*leaves)
+    (out * grad_out.to(out.dtype)).sum().backward()
+    return tuple(t.grad for t, w in zip(leaves, wanted) if t is not None and w)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("weights_grad", [False, True])
+@pytest.mark.parametrize("relu", [True, False])
+def test_backward_matches_reference_autograd(fp32, device, backend, shape, weights_grad, relu):
+    """Gradients for every input (x, addend, tiled, residual), weights frozen or not, against
+    LaMa-style eager torch under autograd in fp64."""
+    b, ci, co, h, w = shape
+    tiled = h % 2 == 0 and w % 3 == 0
+    x, wt, bias, addend, t, residual = _inputs(*shape, device, tiled=tiled)
+    tensors = (x, wt, bias, addend, t, residual)
+    wanted = (True, weights_grad, weights_grad, True, tiled, True)
+    grad_out = torch.randn(b, co, h, w, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device)
+
+    def reference_fn(x, wt, bias, addend, t, residual):
+        return pointwise_conv_reference(x, wt, bias, addend=addend, tiled=t, residual=residual, relu=relu)
+
+    def fused_fn(x, wt, bias, addend, t, residual):
+        return pointwise_conv(x, wt, bias, addend=addend, tiled=t, residual=residual, relu=relu, backend=backend)
+
+    as32 = tuple(None if v is None else v.float() for v in tensors)
+    exact = _grads(reference_fn, tensors, grad_out, wanted)
+    plain = _grads(reference_fn, as32, grad_out, wanted)
+    fast = _grads(fused_fn, as32, grad_out, wanted)
+    assert len(fast) == sum(1 for v, k in zip(tensors, wanted) if v is not None and k)
+    assert all(g.dtype == torch.float32 for g in fast)
+    assert_close_to_reference(fast, exact, plain)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_backward_into_out_and_bf16_inputs(device, backend):
+    """``out=`` with gradients (the result is copied in, autograd follows it) and bf16 activations
+    with fp32 weights: the input gradients come back in each input's dtype."""
+    b, ci, co, h, w = 2, 6, 5, 4, 6
+    x, wt, bias, addend, _, residual = _inputs(b, ci, co, h, w, device)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    rb = residual.to(torch.bfloat16).requires_grad_()
+    out = torch.empty(b, co, h, w, device=device)
+    y = pointwise_conv(xb, wt.float(), bias.float(), residual=rb, relu=True, out=out, backend=backend)
+    assert y is out
+    y.sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and rb.grad.dtype == torch.bfloat16
+    mask = pointwise_conv_reference(xb.double(), wt, bias, residual=rb.double(), relu=True) > 0
+    expected = torch.einsum("bohw,oc->bchw", mask.double(), wt)
+    assert (xb.grad.double() - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert torch.equal(rb.grad, mask.to(torch.bfloat16))

@@ -68,3 +68,37 @@ def test_rejects_layouts_that_would_need_copies():
     with pytest.raises(ValueError, match="residual must have shape"):
         spectral_transform_nhwc(torch.randn(1, 8, 4, 4).contiguous(memory_format=CL),
                                 torch.randn(1, 8, 4, 5).contiguous(memory_format=CL), *operands)
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 8, 8), (2, 20, 9, 7), (1, 8, 6, 11)], ids=str)
+@pytest.mark.parametrize("fft_norm", ["ortho", "forward"])
+def test_backward_from_masks_matches_reference_autograd(shape, fft_norm):
+    """d x from the two inner ReLU masks alone (FFT adjoints as FFTs, odd and even widths) against
+    LaMa's SpectralTransform under autograd in fp64; the residual's gradient is the output's."""
+    from ffc_kernels.ops.spectral_transform import spectral_transform_nhwc_backward
+    from helpers import assert_close_to_reference
+
+    n, c, h, w = shape
+    torch.manual_seed(1)
+    st = randomize_batchnorm(SpectralTransform(c, c, enable_lfu=False, fft_norm=fft_norm), seed=2).eval()
+    bn_g = randomize_batchnorm(nn.BatchNorm2d(c), seed=3).eval()
+    scale = batchnorm_affine(bn_g)[0].detach()
+    x = torch.randn(shape)
+    grad = torch.randn(shape)  # the gradient before act_g, i.e. already masked by it
+
+    def reference_grad(dtype):
+        xr = x.to(dtype).requires_grad_()
+        y = scale.to(dtype).view(1, -1, 1, 1) * copy.deepcopy(st).to(dtype)(xr)
+        (y * grad.to(dtype)).sum().backward()
+        return xr.grad
+
+    operands = _operands(st, bn_g, h, w, torch.float32)
+    masks = []
+    with torch.no_grad():
+        spectral_transform_nhwc(x.contiguous(memory_format=CL), torch.zeros(shape).contiguous(memory_format=CL),
+                                *operands, relu=False, masks=masks)
+    assert [m.dtype for m in masks] == [torch.bool, torch.bool]
+    w1, _, w_fu, _, w2 = operands
+    got = spectral_transform_nhwc_backward(grad.contiguous(memory_format=CL), masks, w1, w_fu, w2, width=w)
+    assert got.is_contiguous(memory_format=CL)
+    assert_close_to_reference(got, reference_grad(torch.float64), reference_grad(torch.float32))

@@ -36,3 +36,25 @@ def test_rejects_what_it_does_not_do():
     u = winograd_weight(torch.randn(4, 4, 3, 3))
     with pytest.raises(ValueError, match="runs fp32"):
         winograd_conv2d(torch.randn(1, 4, 10, 10, dtype=torch.bfloat16), [(u, 4, None)])
+
+
+@pytest.mark.parametrize("shape", [(1, 10, 8, 8), (2, 7, 9, 6), (1, 20, 13, 11)], ids=str)
+def test_input_grad_is_the_convolutions_adjoint(shape):
+    """Winograd's algorithm transposed (the same U, tiles added back where they overlap): the
+    gradient of the padded input of two convolutions sharing it (one on a channel prefix, as the
+    FFC's convl2g), against autograd of F.conv2d in fp64, with an fp32-Winograd tolerance."""
+    from ffc_kernels.ops.winograd import winograd_conv2d_input_grad
+
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(5)
+    w_all = torch.randn(6, c, 3, 3, generator=g, dtype=torch.float64)
+    w_prefix = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(n, c, h + 2, w + 2, generator=g, dtype=torch.float64, requires_grad=True)
+    g_all = torch.randn(n, 6, h, w, generator=g, dtype=torch.float64)
+    g_prefix = torch.randn(n, 4, h, w, generator=g, dtype=torch.float64)
+    ((F.conv2d(x, w_all) * g_all).sum() + (F.conv2d(x[:, :3], w_prefix) * g_prefix).sum()).backward()
+    got = winograd_conv2d_input_grad(
+        [g_prefix.float(), g_all.float().contiguous(memory_format=torch.channels_last)],
+        [(winograd_weight(w_prefix), 3), (winograd_weight(w_all), c)], (h, w))
+    assert got.shape == x.shape and got.dtype == torch.float32
+    assert (got.double() - x.grad).abs().max() <= 2e-6 * x.grad.abs().max() * c ** 0.5

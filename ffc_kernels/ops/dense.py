@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conv2d", "linear", "reflect_conv2d", "reflect_pad_cat", "space_to_depth_weight", "FIXUP_MIN_PIXELS"]
+__all__ = ["conv2d", "linear", "reflect_conv2d", "reflect_pad_adjoint", "reflect_pad_cat", "space_to_depth_weight",
+           "FIXUP_MIN_PIXELS"]
 
 # Planes at least this large use zero padding plus border recomputation instead of a pad pass.
 FIXUP_MIN_PIXELS = 128 * 128
@@ -46,9 +47,9 @@ def _onednn_enabled() -> bool:
 
 def _mkldnn(x: torch.Tensor) -> bool:
     # Under torch.compile the plain ops are traced (oneDNN's fused ops have no fake kernels, and
-    # the compiler fuses epilogues itself).
+    # the compiler fuses epilogues itself); so are inputs that need gradients (no autograd either).
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _onednn_enabled()
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), *, relu=False, add=None):
@@ -93,6 +94,27 @@ def reflect_pad_cat(tensors, pad: int):
     for i in range(pad):
         out[:, :, :, pad - 1 - i] = out[:, :, :, pad + 1 + i]
         out[:, :, :, pad + w + i] = out[:, :, :, pad + w - 2 - i]
+    return out
+
+
+def reflect_pad_adjoint(grad, pad: int):
+    """The gradient of x from that of reflection_pad(x, pad): the interior, plus each padded row
+    and column added onto the one it mirrors (the corners onto both mirrors). One copy of the
+    interior (channels_last) and thin strips, where torch's reflection_pad2d_backward zeroes,
+    scatters and copies the whole plane."""
+    hp, wp = grad.shape[-2:]
+    h, w = hp - 2 * pad, wp - 2 * pad
+    out = grad[:, :, pad:pad + h, pad:pad + w].clone(memory_format=torch.channels_last)
+
+    def mirrors(n):  # (padded index, the index it mirrors) along an axis of n pixels
+        return [(pad - 1 - i, 1 + i) for i in range(pad)] + [(pad + n + i, n - 2 - i) for i in range(pad)]
+
+    for src, dst in mirrors(h):
+        out[:, :, dst] += grad[:, :, src, pad:pad + w]
+    for src_c, dst_c in mirrors(w):
+        out[:, :, :, dst_c] += grad[:, :, pad:pad + h, src_c]
+        for src_r, dst_r in mirrors(h):
+            out[:, :, dst_r, dst_c] += grad[:, :, src_r, src_c]
     return out
 
 
@@ -185,6 +207,10 @@ def reflect_conv2d(x, weight, bias=None, pad=0, stride=(1, 1), dilation=(1, 1), 
     h, w = x.shape[-2:]
     if pad == 0:
         return conv2d(x, weight, bias, stride, (0, 0), dilation, relu=relu, add=add)
+    if torch.is_grad_enabled() and x.requires_grad:
+        # Under autograd the strips' in-place writes would each keep and copy the whole output:
+        # one pad and one convolution have the cheaper backward.
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     if padded is None:
         padded = prepad(x, pad, (weight.shape[-1] - 1) * max(dilation) + 1)
     if padded is not None:

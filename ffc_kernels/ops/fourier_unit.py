@@ -33,7 +33,10 @@ _INVERSE_SCALE = {"backward": lambda hw: 1.0 / hw, "ortho": lambda hw: 1.0 / mat
 
 
 def fourier_unit(x, packed_weight, bias, *, fft_norm="ortho", precision=None, backend=None):
-    """LaMa's FourierUnit with the mix weights packed by ``spectral_mix.pack_weight``; fp32 out."""
+    """LaMa's FourierUnit with the mix weights packed by ``spectral_mix.pack_weight``; fp32 out.
+
+    ``precision`` is the mix's ("fp32", "tf32", "bf16"; None follows cuDNN's TF32 switch), see
+    ``spectral_mix``; the transforms run in fp32 whatever it is."""
     if fft_norm not in _FORWARD_SCALE:
         raise ValueError(f"fft_norm must be one of {sorted(_FORWARD_SCALE)}, got {fft_norm!r}")
     h, w = x.shape[-2:]

@@ -37,7 +37,7 @@ from ffc_kernels.ops._common import check_shape, check_tensor
 from ffc_kernels.ops.dense import conv2d, linear
 from ffc_kernels.ops.fourier_unit import _FORWARD_SCALE, _INVERSE_SCALE
 
-__all__ = ["spectral_transform_nhwc", "spectral_gemm_weights"]
+__all__ = ["spectral_transform_nhwc", "spectral_transform_nhwc_backward", "spectral_gemm_weights"]
 
 
 def spectral_gemm_weights(w1, b1, w_fu, b_fu, w2, *, fft_norm, height, width, dtype):
@@ -53,10 +53,12 @@ def spectral_gemm_weights(w1, b1, w_fu, b_fu, w2, *, fft_norm, height, width, dt
     return as_conv(w1), b1.to(dtype), (w_fu * (a * c)).to(dtype).contiguous(), (b_fu * c).to(dtype), as_conv(w2)
 
 
-def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2, *, relu=True):
+def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2, *, relu=True, masks=None):
     """relu(residual + conv2(t + FourierUnit(t))) with t = relu(conv1(x)), channels_last (see header).
 
     Operands from ``spectral_gemm_weights`` for x's H x W. Returns a new channels_last tensor.
+    ``masks``: a list to which the two inner ReLUs' masks (conv1's, the mix's) are appended, as
+    bools, for ``spectral_transform_nhwc_backward``.
     """
     n, ci, h, w = x.shape
     check_tensor("residual", residual, dtypes=(x.dtype,), ndim=4, device=x.device)
@@ -68,6 +70,8 @@ def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2, *, relu=True):
     check_shape("w1", w1, (c1, ci, 1, 1))
     check_shape("w_fu", w_fu, (2 * c1, 2 * c1))
     t = conv2d(x, w1, b1, relu=True)  # (n, c1, h, w) channels_last
+    if masks is not None:
+        masks.append(t > 0)
     # The FourierUnit works on an fp32 channels-first copy: torch's CPU FFT transposes NHWC data
     # itself, more slowly, and returns channels-first results either way; the sum t + fu(t) is
     # taken there too, then turned back into channels_last for conv2 (one copy each way).
@@ -77,6 +81,34 @@ def spectral_transform_nhwc(x, residual, w1, b1, w_fu, b_fu, w2, *, relu=True):
     # copy of C1 x N complex values (small next to the convolutions).
     s = torch.view_as_real(spec).permute(0, 2, 3, 1, 4).reshape(-1, 2 * c1)
     m = linear(s.to(w_fu.dtype), w_fu, b_fu, relu=True)
+    if masks is not None:
+        masks.append(m > 0)
     mixed = torch.view_as_complex(m.float().view(n, h, w // 2 + 1, c1, 2)).permute(0, 3, 1, 2)
     t += torch.fft.irfft2(mixed, s=(h, w), norm="forward")
     return conv2d(t.to(x.dtype, memory_format=torch.channels_last), w2, None, relu=relu, add=residual)
+
+
+def spectral_transform_nhwc_backward(grad, masks, w1, w_fu, w2, *, width):
+    """d x of ``spectral_transform_nhwc`` from ``grad``, the gradient of its output before the final
+    ReLU (the residual's gradient is ``grad`` itself), and the ``masks`` its forward kept.
+
+    Between its ReLUs the op is linear, so its adjoint needs nothing else: conv2's and conv1's
+    adjoints are GEMMs with the transposed weights, the mix's the transposed mix (all ``dense``'s,
+    as the forward's), and the FFTs' adjoints are FFTs: with unnormalised transforms,
+    adjoint(irfft2) is rfft2 with the bins that stand for two (0 < k < W/2) doubled, and
+    adjoint(rfft2) is irfft2 with those bins halved. The mix and its mask act bin by bin, so
+    the doubling and the halving cancel and neither is applied. fp32 FFTs, GEMMs in the
+    operands' dtype.
+    """
+    mask_t, mask_m = masks
+    n, c1 = grad.shape[0], w1.shape[0]
+    h = mask_t.shape[2]
+    as_conv = lambda w: w.transpose(0, 1).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    g_u = conv2d(grad, as_conv(w2)).to(torch.float32, memory_format=torch.contiguous_format)
+    spec = torch.fft.rfft2(g_u, norm="backward")
+    g_m = torch.view_as_real(spec).permute(0, 2, 3, 1, 4).reshape(-1, 2 * c1).to(w_fu.dtype).mul_(mask_m)
+    g_s = torch.mm(g_m, w_fu).float().view(n, h, width // 2 + 1, c1, 2)
+    g_spec = torch.view_as_complex(g_s).permute(0, 3, 1, 2)
+    g_t = torch.fft.irfft2(g_spec, s=(h, width), norm="forward")
+    g_t = g_t.add_(g_u).to(grad.dtype, memory_format=torch.channels_last).mul_(mask_t)
+    return conv2d(g_t, as_conv(w1))

@@ -100,3 +100,58 @@ def winograd_conv2d(padded: torch.Tensor, convs, *, relu=None) -> list[torch.Ten
             out += bias.view(1, -1, 1, 1)
         outs.append(out.relu_() if act else out)
     return outs
+
+
+def winograd_conv2d_input_grad(grads, convs, size) -> torch.Tensor:
+    """The adjoint of ``winograd_conv2d``: the gradient of its padded input from its outputs'.
+
+    The forward's linear map transposed, step by step, with the same U (no transformed copy of
+    the weights): per 4x4 output tile, M = A gY A^T (kron(A^T, A^T)^T as one matmul), the 36
+    GEMMs with U^T, V = B gM B^T, then the 6x6 input tiles are added back where they overlap
+    (stride 4: each tile's last two rows and columns fall on the next one's first two). The
+    convolutions' contributions are summed before the input transform, which runs once.
+
+    ``grads``: the outputs' gradients (N, Co, H, W); ``convs``: (U, input channels used) per
+    convolution, as the forward's; ``size``: (H, W). Returns (N, C, H + 2, W + 2) channels_last,
+    C the most input channels any convolution used (channels none used get 0).
+    """
+    n = grads[0].shape[0]
+    h, w = size
+    ty, tx = -(-h // TILE), -(-w // TILE)
+    tiles = n * ty * tx
+    device = grads[0].device
+    kin, kout = _matrices(device)
+    channels = max(ci for _, ci in convs)
+    g_v = None
+    # The convolution reading all channels first: its product is the sum's fresh buffer.
+    for grad, (u, ci) in sorted(zip(grads, convs), key=lambda pair: -pair[1][1]):
+        co = u.shape[2]
+        if grad.dtype != torch.float32:
+            raise ValueError(f"winograd_conv2d_input_grad runs fp32, got {grad.dtype}")
+        if (h, w) != (ty * TILE, tx * TILE):
+            grad = F.pad(grad, (0, tx * TILE - w, 0, ty * TILE - h))
+        # (n, co, H, W) -> (16, tiles * co): the forward's output layout (row, column in the tile first)
+        g_y = grad.permute(0, 2, 3, 1).reshape(n, ty, TILE, tx, TILE, co).permute(2, 4, 0, 1, 3, 5)
+        g_m = (kout.t() @ g_y.reshape(TILE * TILE, tiles * co)).view(_A * _A, tiles, co)
+        product = torch.bmm(g_m, u.transpose(1, 2))  # (36, tiles, ci)
+        if g_v is None:
+            g_v = product if ci == channels else torch.zeros(_A * _A, tiles, channels, dtype=torch.float32,
+                                                              device=device)
+        if g_v is not product:
+            g_v[:, :, :ci] += product
+    g_d = torch.matmul(kin.t(), g_v.transpose(0, 1)).view(n, ty, tx, _A, _A, channels)
+    # NHWC, a whole tile larger than the padded input so that every tile's view is in range. The
+    # tiles' own 4x4 parts cover rows and columns [0, 4 t) once: copied; the overlaps are added.
+    out = torch.empty(n, TILE * ty + TILE, TILE * tx + TILE, channels, dtype=torch.float32, device=device)
+    out[:, TILE * ty:] = 0
+    out[:, :, TILE * tx:] = 0
+    for r0, r1 in ((0, TILE), (TILE, _A)):
+        rows = out[:, r0:r0 + TILE * ty].view(n, ty, TILE, TILE * tx + TILE, channels)[:, :, :r1 - r0]
+        for c0, c1 in ((0, TILE), (TILE, _A)):
+            target = rows[:, :, :, c0:c0 + TILE * tx].view(n, ty, r1 - r0, tx, TILE, channels)[:, :, :, :, :c1 - c0]
+            part = g_d[:, :, :, r0:r1, c0:c1].permute(0, 1, 3, 2, 4, 5)
+            if r0 == 0 and c0 == 0:
+                target.copy_(part)
+            else:
+                target += part
+    return out[:, :h + 2, :w + 2].permute(0, 3, 1, 2)

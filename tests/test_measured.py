@@ -1,0 +1,200 @@
+"""Measured backend choices: timed once per op, device and shape class, fastest kept, shared
+through the file by every process."""
+import json
+import multiprocessing
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ffc_kernels import measured
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FFC_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setattr(measured, "_memory", {})
+    return tmp_path
+
+
+def fake_timer(ms: dict, calls: list):
+    def timer(fn, device):
+        fn()
+        return ms[calls[-1]]
+    return timer
+
+
+def test_fastest_is_chosen_once_and_written(cache):
+    calls = []
+    timer = fake_timer({"cuda": 3.0, "triton": 1.0, "torch": 2.0}, calls)
+    device = torch.device("cpu")
+    shape = ("complex64", "tf32", 192, 192, measured.size_class(256 * 129))
+    choice = measured.choose("spectral_mix", device, shape, ["cuda", "triton", "torch"], calls.append, timer)
+    assert choice == "triton" and calls == ["cuda", "triton", "torch"]
+    # Asked again: no timing.
+    assert measured.choose("spectral_mix", device, shape, ["cuda", "triton", "torch"], calls.append, timer) == "triton"
+    assert len(calls) == 3
+    stored = json.loads((cache / measured.FILE_NAME).read_text())
+    (entry,) = stored.values()
+    assert entry == {"backend": "triton", "ms": {"cuda": 3.0, "triton": 1.0, "torch": 2.0}}
+    # Another shape class is timed on its own.
+    other = shape[:-1] + (measured.size_class(1024 * 513),)
+    assert measured.choose("spectral_mix", device, other, ["triton", "torch"], calls.append,
+                           fake_timer({"triton": 5.0, "torch": 4.0}, calls)) == "torch"
+    assert len(json.loads((cache / measured.FILE_NAME).read_text())) == 2
+
+
+def test_a_new_process_reads_the_choice_without_timing(cache):
+    device = torch.device("cpu")
+    calls = []
+    measured.choose("pointwise_conv", device, ("float32", 384, 192, 65536), ["triton", "torch"], calls.append,
+                    fake_timer({"triton": 2.0, "torch": 1.0}, calls))
+    child = subprocess.run([sys.executable, "-c", """
+import torch
+from ffc_kernels import measured
+def trial(backend):
+    raise AssertionError("timed again")
+print(measured.choose("pointwise_conv", torch.device("cpu"), ("float32", 384, 192, 65536), ["triton", "torch"], trial))
+"""], capture_output=True, text=True, env={**__import__("os").environ, "FFC_KERNELS_CACHE": str(cache)})
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == "torch"
+
+
+def test_a_single_candidate_and_a_vanished_one(cache):
+    calls = []
+    device = torch.device("cpu")
+    assert measured.choose("op", device, (1,), ["torch"], calls.append, fake_timer({}, calls)) == "torch"
+    assert calls == []
+    measured.choose("op", device, (2,), ["cuda", "torch"], calls.append, fake_timer({"cuda": 1.0, "torch": 2.0}, calls))
+    # The extension is gone (not rebuilt): the stored "cuda" is no candidate, so the rest are timed.
+    assert measured.choose("op", device, (2,), ["triton", "torch"], calls.append,
+                           fake_timer({"triton": 3.0, "torch": 2.0}, calls)) == "torch"
+
+
+def test_a_damaged_file_is_timed_again_and_rewritten(cache):
+    (cache / measured.FILE_NAME).write_text("{not json")
+    calls = []
+    assert measured.choose("op", torch.device("cpu"), (3,), ["triton", "torch"], calls.append,
+                           fake_timer({"triton": 1.0, "torch": 2.0}, calls)) == "triton"
+    assert json.loads((cache / measured.FILE_NAME).read_text())
+
+
+def _rank(cache, queue):
+    import os
+    import time
+
+    os.environ["FFC_KERNELS_CACHE"] = str(cache)
+    measured._memory.clear()
+    timed = []
+
+    def timer(fn, device):
+        fn()
+        time.sleep(0.2)  # a slow measurement: the other rank must wait for it, not time too
+        return {"triton": 1.0, "torch": 2.0}[timed[-1]]
+
+    choice = measured.choose("op", torch.device("cpu"), (4,), ["triton", "torch"], timed.append, timer)
+    queue.put((choice, len(timed)))
+
+
+def test_concurrent_processes_time_once_and_agree(cache):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    ranks = [ctx.Process(target=_rank, args=(cache, queue)) for _ in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(60)
+    results = [queue.get(timeout=5) for _ in ranks]
+    assert {choice for choice, _ in results} == {"triton"}
+    assert sorted(n for _, n in results) == [0, 2]  # one rank timed both backends, the other none
+
+
+def test_size_class():
+    assert [measured.size_class(n) for n in (1, 2, 3, 4, 5, 33024, 65536)] == [1, 2, 4, 4, 8, 65536, 65536]
+
+
+def test_select_measures_on_cuda_and_captures_reuse_it(cache, monkeypatch):
+    """backends.select on a CUDA device (simulated: this machine may have none): the trial runs on
+    each candidate, the faster wins; a graph capture and a compiled graph take the stored choice."""
+    from ffc_kernels import backends
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    ran = []
+    monkeypatch.setattr(measured, "_time_cuda", lambda fn, device: (fn(), {"triton": 2.0, "torch": 1.0}[ran[-1]])[1])
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    cuda = torch.device("cuda")
+    shape = ("tf32", 192, 192, 65536, True)
+    # Without a trial the fixed order: Triton first, never the CUDA extension first.
+    assert backends.select(cuda, has_cuda_impl=True) == "triton"
+    assert backends.select(cuda, op="spectral_mix", shape=shape, trial=ran.append) == "torch"
+    assert ran == ["triton", "torch"]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert backends.select(cuda, op="spectral_mix", shape=shape, trial=ran.append) == "torch"
+    assert backends.select(cuda, op="spectral_mix", shape=shape[:-1] + (False,), trial=ran.append) == "triton"
+    assert len(ran) == 2  # nothing timed during a capture
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    info = str(backends.backend_info(cuda))
+    assert "spectral_mix tf32 192 192 65536 True: torch (torch 1.000 ms, triton 2.000 ms)" in info
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    assert backends.select(cuda, op="spectral_mix", shape=shape, trial=ran.append) == "triton"  # forced wins
+
+
+def test_spectral_mix_names_its_shape_class(cache, monkeypatch):
+    """The op hands select a trial that really runs it, and a shape class that tells apart what
+    changes the answer."""
+    from ffc_kernels import backends
+    from ffc_kernels.ops import spectral_mix
+
+    seen = {}
+
+    def spy(device, has_cuda_impl=False, *, op=None, shape=(), trial=None):
+        seen.update(op=op, shape=shape, out=trial("torch"))
+        return "torch"
+
+    monkeypatch.setattr(backends, "select", spy)
+    spec = torch.randn(2, 6, 5, 3, dtype=torch.complex64)
+    weight = torch.randn(8, 12)
+    out = spectral_mix.spectral_mix(spec, spectral_mix.pack_weight(weight), precision="tf32")
+    assert seen["op"] == "spectral_mix" and seen["shape"] == ("tf32", 6, 4, 32, True)
+    torch.testing.assert_close(seen["out"], out, rtol=0, atol=0)
+
+
+def test_a_compiled_graph_takes_the_stored_choice_as_a_constant(cache, monkeypatch):
+    from ffc_kernels import backends
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    calls = []
+    measured.choose("spectral_mix", torch.device("cuda"), ("tf32", 4, 4, 32, True), ["triton", "torch"],
+                    calls.append, fake_timer({"triton": 2.0, "torch": 1.0}, calls))
+
+    def f(x):
+        choice = backends._stored_choice("spectral_mix", "cuda", ("tf32", 4, 4, 32, True), ("triton", "torch"))
+        return x + len(choice)
+
+    assert torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2)).tolist() == [5.0, 5.0]  # "torch"
+
+
+def test_pointwise_conv_trials_leave_an_in_place_residual_alone(cache, monkeypatch):
+    """conv2 accumulates into its residual (``out is residual``): timing runs must not add it twice."""
+    from ffc_kernels import backends
+    from ffc_kernels.ops.pointwise_conv import pointwise_conv
+
+    seen = {}
+
+    def spy(device, has_cuda_impl=False, *, op=None, shape=(), trial=None):
+        for _ in range(3):
+            trial("torch")
+        seen.update(op=op, shape=shape)
+        return "torch"
+
+    monkeypatch.setattr(backends, "select", spy)
+    x, w = torch.randn(1, 6, 4, 5), torch.randn(3, 6)
+    y = torch.randn(1, 3, 4, 5)
+    expected = torch.relu(torch.einsum("oc,nchw->nohw", w, x) + y)
+    pointwise_conv(x, w, residual=y, out=y, relu=True, precision="fp32")
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert seen == {"op": "pointwise_conv", "shape": ("float32", "tf32x3", 6, 3, 32, False, False, True, False)}
