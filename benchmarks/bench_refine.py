@@ -14,7 +14,8 @@ mask, max abs difference on 0-255).
     python benchmarks/bench_refine.py --size 128 --iters 2 --blocks 1 --min-side 64  # a quick check
 
 A point is PATH:PRECISION, PATH reference or optimized. Results go to
-benchmarks/results/refine_<device>_<date>_<commit>.json. Targets (768² on a 2-core CPU): the
+benchmarks/results/refine_<device>_<date>_<commit>.json; ``--readme-from FILE`` rewrites README.md's
+REFINE-TABLE block from one. Targets (768² on a 2-core CPU): the
 optimized fp32 refinement at least 1.5x faster than the reference and at most 0.6x its peak memory.
 """
 from __future__ import annotations
@@ -100,6 +101,36 @@ def compare(result: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> dict
             "psnr_in_mask_db": math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)}
 
 
+REFINE_BEGIN, REFINE_END = "<!-- REFINE-TABLE -->", "<!-- /REFINE-TABLE -->"
+
+
+def markdown(result: dict) -> str:
+    env, settings = result["environment"], result["settings"]
+    lines = [f"{env.get('device')}, torch {env.get('torch')}, commit `{env.get('git_commit')}`: refining a "
+             f"{settings['size']}² image with a big hole, big-lama ({settings['blocks']} blocks, seeded demo weights), "
+             f"n_iters={settings['n_iters']}, min_side={settings['min_side']}.", "",
+             "| generator | precision | time s | vs reference | peak memory MiB | vs reference | "
+             "PSNR in the mask dB |", "|---|---|---|---|---|---|---|"]
+    ref = next((p for p in result["points"] if p["path"] == "reference"), None)
+    for p in result["points"]:
+        against = ("against the reference" if p["path"] == "optimized" and p["precision"] == "fp32"
+                   else "against optimized fp32")
+        psnr = (f"{p['psnr_in_mask_db']:.1f} ({against})" if "psnr_in_mask_db" in p else "-")
+        speed = f"{ref['seconds'] / p['seconds']:.2f}x" if ref else "-"
+        memory = f"{p['peak_bytes'] / max(ref['peak_bytes'], 1):.2f}x" if ref else "-"
+        lines.append(f"| {p['path']} | {p['precision']} | {p['seconds']:.1f} | {speed} | "
+                     f"{p['peak_bytes'] / 2**20:.0f} | {memory} | {psnr} |")
+    return "\n".join(lines)
+
+
+def update_readme(result: dict, path: Path) -> None:
+    text = path.read_text()
+    if REFINE_BEGIN not in text or REFINE_END not in text:
+        raise ValueError(f"{path} has no {REFINE_BEGIN} ... {REFINE_END} block")
+    start, end = text.index(REFINE_BEGIN) + len(REFINE_BEGIN), text.index(REFINE_END)
+    path.write_text(text[:start] + "\n" + markdown(result) + "\n" + text[end:])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=768, help="image side (default 768)")
@@ -112,7 +143,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per point")
     parser.add_argument("--out", default=str(common.RESULTS_DIR))
+    parser.add_argument("--readme-from", metavar="JSON", help="only rewrite README.md's REFINE-TABLE block")
     args = parser.parse_args(argv)
+    if args.readme_from:
+        update_readme(json.loads(Path(args.readme_from).read_text()), common.ROOT / "README.md")
+        print("# updated README.md")
+        return 0
     import torch
 
     device = torch.device(args.device)

@@ -23,8 +23,9 @@ Kulshreshtha et al., "Feature Refinement to Improve High Resolution Image Inpain
   takes a step; the last one's prediction is kept;
 - each scale's result is ``mask * pred + (1 - mask) * image``, cropped to the scale's size.
 
-Where LaMa would take the mean of an empty set (a mask that covers every pixel, or one whose
-halved and eroded version is empty) and turn the features into NaN, that term is left out.
+Where LaMa takes the mean of an empty set (a mask that covers every pixel, or one whose halved
+and eroded version is empty), its loss reads NaN while the gradient of that term is zero; here
+the term is left out, so the features and results are the same and the loss shown is finite.
 The result is returned as ``inpaint``'s: uint8 HxWx3 at the input's size, unmasked pixels copied
 from the input; where ``px_budget`` shrank the image, the refined result is resized back
 bilinearly and pasted into the mask (LaMa returns the smaller image).
@@ -48,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tqdm
 
-from lama_fast.optimized import _ResidualBlock, generator_plan, optimize
+from lama_fast.optimized import _ResidualBlock, generator_plan, optimize, refold
 from lama_fast.pipeline import _image_to_array, _mask_to_array, _placement
 
 __all__ = ["refine", "pyrdown", "pyrdown_mask", "erode", "ellipse_kernel", "image_mask_pyramid", "n_scales"]
@@ -154,7 +155,7 @@ def _pad_reflect(x: torch.Tensor, modulo: int) -> torch.Tensor:
 
 
 def _l1_loss(pred, pred_down, reference, mask, mask_down, image):
-    """LaMa's ``_l1_loss``; a term over no pixel is left out (LaMa's would be NaN)."""
+    """LaMa's ``_l1_loss``; a term over no pixel is left out (LaMa's reads NaN, with a zero gradient)."""
     known = mask < _EPS
     loss = pred.new_zeros(())
     if known.any():
@@ -220,8 +221,16 @@ class _Planned:
         per = n_blocks // len(devices)
         self.bounds = [0, first] + [first + per * k for k in range(1, len(devices))] + [n_steps]
         self.plans = [plans[device] for device in devices]
+        # Only the rear computes in bf16: the features start from an fp32 front (the generator's own
+        # modules up to the first residual block; it runs once per scale).
+        self.front = None
+        if plan.precision.dtype != torch.float32:
+            self.front = _Modules(generator, devices[:1]).front
 
     def run_front(self, x):
+        if self.front is not None:
+            z = self.front(x)
+            return list(z) if isinstance(z, tuple) else [z]
         plan = self.plans[0]
         state = plan.run_steps((x.to(plan.precision.dtype), None), 0, self.bounds[1])
         return [t.float() for t in state if t is not None]
@@ -238,7 +247,11 @@ class _Planned:
 
 
 def _stages(generator: nn.Module, devices):
-    plan = generator_plan(generator)
+    # A plan folded under torch.inference_mode (by an earlier inpaint) holds inference tensors,
+    # which autograd cannot save: fold again, without autograd history.
+    refold(generator)
+    with torch.no_grad():
+        plan = generator_plan(generator)
     if plan is not None:
         return _Planned(generator, plan, devices)
     return _Modules(generator, devices)

@@ -260,6 +260,33 @@ def test_bf16_keeps_features_and_adam_state_fp32(generator, monkeypatch):
     assert np.abs(result.astype(int) - ref).mean() < 3
 
 
+def test_refine_after_inpaint_with_the_same_optimized_generator(generator):
+    """inpaint folds the plan's weights under inference_mode, whose tensors autograd cannot save:
+    refine must still work afterwards, and give what it gives on a fresh generator."""
+    fast, fresh = optimize(copy.deepcopy(generator)), optimize(copy.deepcopy(generator))
+    image, mask = _inputs()
+    inpaint(image, mask, fast)
+    after, _ = _refine(image, mask, fast, n_iters=2, min_side=32, progress=False)
+    alone, _ = _refine(image, mask, fresh, n_iters=2, min_side=32, progress=False)
+    np.testing.assert_array_equal(after, alone)
+    np.testing.assert_array_equal(inpaint(image, mask, fast), inpaint(image, mask, fresh))
+
+
+def test_bf16_features_start_from_an_fp32_front(generator):
+    """Only the rear computes in bf16: the features refine optimises start as LaMa's fp32 front gives them."""
+    from lama_fast.refinement import _stages
+
+    fast = optimize(copy.deepcopy(generator), precision="bf16")
+    first = next(i for i, m in enumerate(generator.model) if type(m).__name__ == "FFCResnetBlock")
+    x = torch.rand(1, 4, 48, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = _stages(fast, [torch.device("cpu")]).run_front(x)
+        expected = generator.model[:first](x)
+    assert [t.dtype for t in z] == [torch.float32, torch.float32]
+    for got, want in zip(z, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_inpaint_refine_option(generator):
     image, mask = _inputs()
     expected = refine(image, mask, generator, n_iters=2, min_side=32, progress=False)
