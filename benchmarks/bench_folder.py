@@ -30,9 +30,6 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 
-FOLDER_BEGIN, FOLDER_END = "<!-- FOLDER-TABLE -->", "<!-- /FOLDER-TABLE -->"
-
-
 def make_folder(root: Path, size: int, count: int) -> tuple[Path, Path]:
     import PIL.Image
 
@@ -101,14 +98,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(result: dict, path: Path) -> None:
-    text = path.read_text()
-    if FOLDER_BEGIN not in text or FOLDER_END not in text:
-        raise ValueError(f"{path} has no {FOLDER_BEGIN} ... {FOLDER_END} block")
-    start, end = text.index(FOLDER_BEGIN) + len(FOLDER_BEGIN), text.index(FOLDER_END)
-    path.write_text(text[:start] + "\n" + markdown(result) + "\n" + text[end:])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512])
@@ -122,7 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--readme-from", metavar="JSON", help="only rewrite README.md's FOLDER-TABLE block")
     args = parser.parse_args(argv)
     if args.readme_from:
-        update_readme(json.loads(Path(args.readme_from).read_text()), common.ROOT / "README.md")
+        common.replace_readme_block("FOLDER-TABLE", markdown(json.loads(Path(args.readme_from).read_text())))
         print("# updated README.md")
         return 0
     import torch

@@ -75,9 +75,6 @@ def parse_point(text: str):
     return int(parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else None
 
 
-MEMORY_BEGIN, MEMORY_END = "<!-- MEMORY-TABLE -->", "<!-- /MEMORY-TABLE -->"
-
-
 def markdown(result: dict) -> str:
     """The 'what to expect' table of one results file."""
     env = result["environment"]
@@ -88,14 +85,6 @@ def markdown(result: dict) -> str:
         lines.append(f"| {p['size']}² | {p['precision']} | {p['tile_size'] or 'none'} | {p['seconds']:.1f} | "
                      f"{p['peak_bytes'] / 2**20:.0f} | {p['estimate_bytes'] / 2**20:.0f} |")
     return "\n".join(lines)
-
-
-def update_readme(result: dict, path: Path) -> None:
-    text = path.read_text()
-    if MEMORY_BEGIN not in text or MEMORY_END not in text:
-        raise ValueError(f"{path} has no {MEMORY_BEGIN} ... {MEMORY_END} block")
-    start, end = text.index(MEMORY_BEGIN) + len(MEMORY_BEGIN), text.index(MEMORY_END)
-    path.write_text(text[:start] + "\n" + markdown(result) + "\n" + text[end:])
 
 
 def main(argv=None) -> int:
@@ -109,7 +98,7 @@ def main(argv=None) -> int:
                         help="only rewrite README.md's MEMORY-TABLE block from this results file")
     args = parser.parse_args(argv)
     if args.readme_from:
-        update_readme(json.loads(Path(args.readme_from).read_text()), common.ROOT / "README.md")
+        common.replace_readme_block("MEMORY-TABLE", markdown(json.loads(Path(args.readme_from).read_text())))
         print("# updated README.md")
         return 0
     import torch

@@ -101,9 +101,6 @@ def compare(result: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> dict
             "psnr_in_mask_db": math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)}
 
 
-REFINE_BEGIN, REFINE_END = "<!-- REFINE-TABLE -->", "<!-- /REFINE-TABLE -->"
-
-
 def markdown(result: dict) -> str:
     env, settings = result["environment"], result["settings"]
     lines = [f"{env.get('device')}, torch {env.get('torch')}, commit `{env.get('git_commit')}`: refining a "
@@ -123,14 +120,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(result: dict, path: Path) -> None:
-    text = path.read_text()
-    if REFINE_BEGIN not in text or REFINE_END not in text:
-        raise ValueError(f"{path} has no {REFINE_BEGIN} ... {REFINE_END} block")
-    start, end = text.index(REFINE_BEGIN) + len(REFINE_BEGIN), text.index(REFINE_END)
-    path.write_text(text[:start] + "\n" + markdown(result) + "\n" + text[end:])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=768, help="image side (default 768)")
@@ -146,7 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("--readme-from", metavar="JSON", help="only rewrite README.md's REFINE-TABLE block")
     args = parser.parse_args(argv)
     if args.readme_from:
-        update_readme(json.loads(Path(args.readme_from).read_text()), common.ROOT / "README.md")
+        common.replace_readme_block("REFINE-TABLE", markdown(json.loads(Path(args.readme_from).read_text())))
         print("# updated README.md")
         return 0
     import torch

@@ -946,3 +946,14 @@ def pytest_case(case: Case, provider: str, benchmark, device, rounds: int = PYTE
                                     backend=p.backend, flops=case.flops,
                                     bytes=p.traffic.total if isinstance(p.traffic, Traffic) else p.traffic)
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+def replace_readme_block(name: str, text: str, path: Path | str | None = None) -> None:
+    """Replace what lies between ``<!-- NAME -->`` and ``<!-- /NAME -->`` in README.md with ``text``."""
+    path = Path(path) if path is not None else ROOT / "README.md"
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    readme = path.read_text()
+    if begin not in readme or end not in readme:
+        raise ValueError(f"{path} has no {begin} ... {end} block")
+    start, stop = readme.index(begin) + len(begin), readme.index(end)
+    path.write_text(readme[:start] + "\n" + text.strip() + "\n" + readme[stop:])
