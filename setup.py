@@ -11,16 +11,19 @@ from setuptools import find_packages, setup
 ext_modules = []
 cmdclass = {}
 if os.environ.get("FFC_KERNELS_BUILD_EXT") == "1":
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
 
+    # fourier_unit.cpp calls cuFFT: the toolkit's, or the nvidia-cufft wheel torch links.
+    cufft_cflags, cufft_ldflags = runpy.run_path(os.path.join("csrc", "cufft_flags.py"))["cufft_flags"](CUDA_HOME)
     ext_modules.append(
         CUDAExtension(
             name="ffc_kernels._C",
-            sources=["csrc/bindings.cpp", "csrc/spectral_mix.cu"],
+            sources=["csrc/bindings.cpp", "csrc/spectral_mix.cu", "csrc/spectral_mix_mma.cu", "csrc/fourier_unit.cpp"],
             extra_compile_args={
-                "cxx": ["-O3"],
+                "cxx": ["-O3", *cufft_cflags],
                 "nvcc": ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"],
             },
+            extra_link_args=cufft_ldflags,
         )
     )
     cmdclass["build_ext"] = BuildExtension

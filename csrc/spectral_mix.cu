@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
     _spectral_mix_kernel(const float2* __restrict__ x, int64_t x_batch_stride,
                          int64_t x_chan_stride, const float* __restrict__ w,
                          const float* __restrict__ bias, float2* __restrict__ out, int Ci, int Co,
-                         int64_t N) {
+                         int64_t N, float weight_scale, float bias_scale) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, TM = Cfg::TM, TN = Cfg::TN;
   constexpr int THREADS_N = Cfg::THREADS_N;
 
@@ -162,14 +162,16 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
   for (int i = 0; i < TM; ++i) {
     const int o = m0 + ty * TM + i;
     if (o >= Co) continue;
-    const float bias_re = bias ? bias[2 * o] : 0.f;
-    const float bias_im = bias ? bias[2 * o + 1] : 0.f;
+    const float bias_re = bias ? bias[2 * o] * bias_scale : 0.f;
+    const float bias_im = bias ? bias[2 * o + 1] * bias_scale : 0.f;
     float2* out_row = out + o * N;
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int64_t n = n0 + tx + j * THREADS_N;
       if (n >= N) continue;
-      float re = acc_re[i][j] + bias_re, im = acc_im[i][j] + bias_im;
+      // With both scales 1 (spectral_mix's binding) this is exactly acc + bias.
+      float re = fmaf(acc_re[i][j], weight_scale, bias_re);
+      float im = fmaf(acc_im[i][j], weight_scale, bias_im);
       if (RELU) {  // written so that NaN passes through, as torch.relu does
         re = re < 0.f ? 0.f : re;
         im = im < 0.f ? 0.f : im;
@@ -182,7 +184,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
 template <class Cfg, bool RELU>
 void launch_tiles(const float2* x, int64_t x_batch_stride, int64_t x_chan_stride, const float* w,
                   const float* bias, float2* out, int B, int Ci, int Co, int64_t N,
-                  cudaStream_t stream) {
+                  float weight_scale, float bias_scale, cudaStream_t stream) {
   constexpr int kMaxGridZ = 65535;
   const unsigned n_tiles = static_cast<unsigned>((N + Cfg::BN - 1) / Cfg::BN);
   const unsigned m_tiles = static_cast<unsigned>((Co + Cfg::BM - 1) / Cfg::BM);
@@ -190,18 +192,20 @@ void launch_tiles(const float2* x, int64_t x_batch_stride, int64_t x_chan_stride
     const int batches = std::min(B - b0, kMaxGridZ);
     _spectral_mix_kernel<Cfg, RELU><<<dim3(n_tiles, m_tiles, batches), Cfg::THREADS, 0, stream>>>(
         x + b0 * x_batch_stride, x_batch_stride, x_chan_stride, w, bias,
-        out + static_cast<int64_t>(b0) * Co * N, Ci, Co, N);
+        out + static_cast<int64_t>(b0) * Co * N, Ci, Co, N, weight_scale, bias_scale);
   }
 }
 
 template <class Cfg>
 void launch_tiles(const float2* x, int64_t x_batch_stride, int64_t x_chan_stride, const float* w,
                   const float* bias, float2* out, int B, int Ci, int Co, int64_t N, bool relu,
-                  cudaStream_t stream) {
+                  float weight_scale, float bias_scale, cudaStream_t stream) {
   if (relu) {
-    launch_tiles<Cfg, true>(x, x_batch_stride, x_chan_stride, w, bias, out, B, Ci, Co, N, stream);
+    launch_tiles<Cfg, true>(x, x_batch_stride, x_chan_stride, w, bias, out, B, Ci, Co, N,
+                            weight_scale, bias_scale, stream);
   } else {
-    launch_tiles<Cfg, false>(x, x_batch_stride, x_chan_stride, w, bias, out, B, Ci, Co, N, stream);
+    launch_tiles<Cfg, false>(x, x_batch_stride, x_chan_stride, w, bias, out, B, Ci, Co, N,
+                             weight_scale, bias_scale, stream);
   }
 }
 
@@ -209,7 +213,8 @@ void launch_tiles(const float2* x, int64_t x_batch_stride, int64_t x_chan_stride
 
 void spectral_mix_launch(const float2* x, int64_t x_batch_stride, int64_t x_chan_stride,
                          const float* w, const float* bias, float2* out, int B, int Ci, int Co,
-                         int64_t N, bool relu, cudaStream_t stream) {
+                         int64_t N, bool relu, cudaStream_t stream, float weight_scale,
+                         float bias_scale) {
   if (B == 0 || Co == 0 || N == 0) return;
   // Large tiles only when they make at least one full wave (two blocks per SM); otherwise the
   // 4x more numerous small tiles keep more SMs busy.
@@ -220,9 +225,9 @@ void spectral_mix_launch(const float2* x, int64_t x_batch_stride, int64_t x_chan
                                ((Co + LargeTile::BM - 1) / LargeTile::BM) * B;
   if (Co > SmallTile::BM && large_blocks >= 2 * static_cast<int64_t>(sms)) {
     launch_tiles<LargeTile>(x, x_batch_stride, x_chan_stride, w, bias, out, B, Ci, Co, N, relu,
-                            stream);
+                            weight_scale, bias_scale, stream);
   } else {
     launch_tiles<SmallTile>(x, x_batch_stride, x_chan_stride, w, bias, out, B, Ci, Co, N, relu,
-                            stream);
+                            weight_scale, bias_scale, stream);
   }
 }

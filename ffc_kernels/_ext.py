@@ -57,18 +57,35 @@ def spectral_mix(spec: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return _C.spectral_mix(spec, weight, bias, bool(relu))
 
 
+def has_fourier_unit() -> bool:
+    """Whether the loaded extension has the CUDA FourierUnit (builds before it do not)."""
+    return _C is not None and hasattr(_C, "fourier_unit")
+
+
+def fourier_unit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = True,
+                 fft_norm: str = "ortho", precision: str = "tf32") -> torch.Tensor:
+    """csrc's FourierUnit: rfft2 -> spectral mix -> irfft2 with cuFFT plans cached per shape and stream.
+
+    ``x`` fp32 (B, Ci, H, W) on CUDA with contiguous (H, W) planes; ``weight`` LaMa's (2Co, 2Ci)
+    with BatchNorm folded; ``bias`` (2Co,) or None; ``fft_norm`` as LaMa's; ``precision``
+    "tf32" or "bf16" (operands rounded so, tensor cores, fp32 accumulation) or "fp32" (IEEE fp32
+    FMAs). Returns fp32 (B, Co, H, W),
+    a view whose rows are padded to 2 (W // 2 + 1) floats (the C2R ran in place).
+    """
+    if not has_fourier_unit():
+        raise RuntimeError("ffc_kernels CUDA extension has no fourier_unit: "
+                           f"{_WHY or 'built before it existed; rebuild it'}")
+    return _C.fourier_unit(x, weight, bias, bool(relu), fft_norm, precision)
+
+
 _UNPACKED: dict = {}
 
 
-def spectral_mix_packed(spec: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, relu: bool,
-                        weight_scale: float, bias_scale: float) -> torch.Tensor:
-    """``spectral_mix`` for ops/spectral_mix.py's packed (2, 2, Co, Ci) weight and (2, Co) bias.
-
-    The kernel reads LaMa's (2Co, 2Ci) layout with the scales applied; that form is derived once
-    per (weight, bias, scales) and cached, so a steady-state call launches the kernel alone. The
-    entry keeps its source tensors alive and checks their identity and version, so a new tensor
-    at a recycled address never hits a stale entry.
-    """
+def _lama_layout(packed_weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: float, bias_scale: float):
+    """ops/spectral_mix.py's packed (2, 2, Co, Ci) weight and (2, Co) bias in LaMa's (2Co, 2Ci) and
+    (2Co,) layout, scaled, derived once per (weight, bias, scales) and cached. The entry keeps its
+    source tensors alive and checks their identity and version, so a new tensor at a recycled
+    address never hits a stale entry."""
     key = (id(packed_weight), id(bias), weight_scale, bias_scale)
     # Folded weights made under torch.inference_mode are inference tensors: no version counter,
     # and nothing outside inference mode can change them in place.
@@ -81,4 +98,37 @@ def spectral_mix_packed(spec: torch.Tensor, packed_weight: torch.Tensor, bias: t
         w = (packed_weight.permute(2, 0, 3, 1).reshape(2 * co, 2 * ci) * weight_scale).contiguous()
         b = None if bias is None else (bias.t().reshape(2 * co) * bias_scale).contiguous()
         entry = _UNPACKED[key] = (packed_weight, bias, versions, w, b)
-    return spectral_mix(spec, entry[3], entry[4], relu)
+    return entry[3], entry[4]
+
+
+def spectral_mix_packed(spec: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, relu: bool,
+                        weight_scale: float, bias_scale: float) -> torch.Tensor:
+    """``spectral_mix`` for ops/spectral_mix.py's packed (2, 2, Co, Ci) weight and (2, Co) bias.
+
+    The kernel reads LaMa's (2Co, 2Ci) layout with the scales applied; that form is cached (see
+    ``_lama_layout``), so a steady-state call launches the kernel alone.
+    """
+    w, b = _lama_layout(packed_weight, bias, weight_scale, bias_scale)
+    return spectral_mix(spec, w, b, relu)
+
+
+def fourier_unit_packed(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None,
+                        fft_norm: str, precision: str) -> torch.Tensor:
+    """``fourier_unit`` (with ReLU) for the packed weight and bias of ops/fourier_unit.py; the FFT
+    normalisation is folded into the mix inside the extension, so the weights go unscaled."""
+    w, b = _lama_layout(packed_weight, bias, 1.0, 1.0)
+    return fourier_unit(x, w, b, True, fft_norm, precision)
+
+
+# One opaque op for torch.compile and CUDA graphs (as ops/spectral_mix.py registers its own): the
+# fake kernel gives the output's shape and its padded row stride.
+@torch.library.custom_op("ffc_kernels::fourier_unit_cuda", mutates_args=())
+def _fourier_unit_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, fft_norm: str,
+                     precision: str) -> torch.Tensor:
+    return fourier_unit_packed(x, packed_weight, bias, fft_norm, precision)
+
+
+@_fourier_unit_op.register_fake
+def _(x, packed_weight, bias, fft_norm, precision):
+    b, _, h, w = x.shape
+    return x.new_empty((b, packed_weight.shape[2], h, 2 * (w // 2 + 1)))[..., :w]

@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from ffc_kernels import _ext, backends
+from ffc_kernels.ops._common import check_shape, check_tensor
 from ffc_kernels.ops.spectral_mix import spectral_mix
 
 _FORWARD_SCALE = {"backward": lambda hw: 1.0, "ortho": lambda hw: 1.0 / math.sqrt(hw), "forward": lambda hw: 1.0 / hw}
@@ -40,8 +42,40 @@ def fourier_unit(x, packed_weight, bias, *, fft_norm="ortho", precision=None, ba
     if fft_norm not in _FORWARD_SCALE:
         raise ValueError(f"fft_norm must be one of {sorted(_FORWARD_SCALE)}, got {fft_norm!r}")
     h, w = x.shape[-2:]
+    if _runs_on_csrc(x, packed_weight, bias, backend):
+        return _fourier_unit_csrc(x, packed_weight, bias, fft_norm, precision)
     a, c = _FORWARD_SCALE[fft_norm](h * w), _INVERSE_SCALE[fft_norm](h * w)
     spec = torch.fft.rfft2(x.float(), norm="backward")
     mixed = spectral_mix(spec, packed_weight, bias, relu=True, weight_scale=a * c, bias_scale=c,
                          precision=precision, backend=backend)
     return torch.fft.irfft2(mixed, s=(h, w), norm="forward")
+
+
+def _runs_on_csrc(x, packed_weight, bias, backend) -> bool:
+    """Whether csrc's whole FourierUnit runs this call: the CUDA backend named (``backend="cuda"``
+    or FFC_KERNELS_BACKEND=cuda), a CUDA tensor, an extension built with it, and no gradient to
+    record (it has no backward; the spectral_mix path has one)."""
+    if backend is None and backends.forced_backend() == "cuda":
+        backend = backends.select(x.device, has_cuda_impl=True)  # raises when it cannot run
+    if backend != "cuda" or x.device.type != "cuda" or not _ext.has_fourier_unit():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, packed_weight, bias)))
+
+
+def _fourier_unit_csrc(x, packed_weight, bias, fft_norm, precision):
+    """csrc's FourierUnit: its own cuFFT plans, the mix on tensor cores ("tf32", "bf16") or in IEEE
+    fp32 ("fp32"), C2R in place on the mix's output (no clone). The result's rows are padded to
+    2 (W // 2 + 1) floats (cuFFT's in-place layout)."""
+    check_tensor("x", x, ndim=4)
+    b, ci, h, w = x.shape
+    check_tensor("packed_weight", packed_weight, dtypes=(torch.float32,), ndim=4, device=x.device)
+    co = packed_weight.shape[2]
+    check_shape("packed_weight", packed_weight, (2, 2, co, ci))
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(torch.float32,), ndim=2, device=x.device)
+        check_shape("bias", bias, (2, co))
+    x = x.float()
+    if x.stride(3) != 1 or x.stride(2) != w:  # cuFFT reads whole (H, W) planes
+        x = x.contiguous()
+    precision = backends.check_precision(precision) or backends.matmul_precision()
+    return torch.ops.ffc_kernels.fourier_unit_cuda(x, packed_weight, bias, fft_norm, precision)
