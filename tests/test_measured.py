@@ -198,3 +198,30 @@ def test_pointwise_conv_trials_leave_an_in_place_residual_alone(cache, monkeypat
     pointwise_conv(x, w, residual=y, out=y, relu=True, precision="fp32")
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     assert seen == {"op": "pointwise_conv", "shape": ("float32", "tf32x3", 6, 3, 32, False, False, True, False)}
+
+
+def test_fourier_unit_measures_csrc_whole_against_the_split_path(cache, monkeypatch):
+    """Where csrc's whole FourierUnit can run, the op times it against rfft2 + the mix + irfft2 and
+    runs what select picks; without it (or with a gradient) the transforms run around the mix."""
+    from ffc_kernels import backends
+    from ffc_kernels.ops import fourier_unit as fu
+    from ffc_kernels.ops.spectral_mix import pack_weight
+
+    x, weight = torch.randn(1, 4, 6, 8), pack_weight(torch.randn(8, 8))
+    split = fu.fourier_unit(x, weight, None, precision="fp32")  # no extension here: the split path
+    whole = torch.full_like(split, 7.0)
+    monkeypatch.setattr(fu, "_csrc_can_run", lambda *args: True)
+    monkeypatch.setattr(fu, "_fourier_unit_csrc", lambda *args: whole)
+    seen = {}
+
+    def spy(device, has_cuda_impl=False, *, op=None, shape=(), trial=None):
+        seen.update(op=op, shape=shape, cuda=trial("cuda"), torch=trial("torch"))
+        return seen["pick"]
+
+    monkeypatch.setattr(backends, "select", spy)
+    for pick, expected in (("cuda", whole), ("torch", split)):
+        seen["pick"] = pick
+        torch.testing.assert_close(fu.fourier_unit(x, weight, None, precision="fp32"), expected)
+    assert seen["op"] == "fourier_unit" and seen["shape"] == ("fp32", 4, 4, 32)
+    assert seen["cuda"] is whole
+    torch.testing.assert_close(seen["torch"], split)

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ffc_kernels import _ext, backends
+from ffc_kernels import _ext, backends, measured
 from ffc_kernels.ops._common import check_shape, check_tensor
 from ffc_kernels.ops.spectral_mix import spectral_mix
 
@@ -42,22 +42,30 @@ def fourier_unit(x, packed_weight, bias, *, fft_norm="ortho", precision=None, ba
     if fft_norm not in _FORWARD_SCALE:
         raise ValueError(f"fft_norm must be one of {sorted(_FORWARD_SCALE)}, got {fft_norm!r}")
     h, w = x.shape[-2:]
-    if _runs_on_csrc(x, packed_weight, bias, backend):
-        return _fourier_unit_csrc(x, packed_weight, bias, fft_norm, precision)
-    a, c = _FORWARD_SCALE[fft_norm](h * w), _INVERSE_SCALE[fft_norm](h * w)
-    spec = torch.fft.rfft2(x.float(), norm="backward")
-    mixed = spectral_mix(spec, packed_weight, bias, relu=True, weight_scale=a * c, bias_scale=c,
-                         precision=precision, backend=backend)
-    return torch.fft.irfft2(mixed, s=(h, w), norm="forward")
+
+    def run(backend):
+        if backend == "cuda" and _csrc_can_run(x, packed_weight, bias):
+            return _fourier_unit_csrc(x, packed_weight, bias, fft_norm, precision)
+        a, c = _FORWARD_SCALE[fft_norm](h * w), _INVERSE_SCALE[fft_norm](h * w)
+        spec = torch.fft.rfft2(x.float(), norm="backward")
+        mixed = spectral_mix(spec, packed_weight, bias, relu=True, weight_scale=a * c, bias_scale=c,
+                             precision=precision, backend=backend)
+        return torch.fft.irfft2(mixed, s=(h, w), norm="forward")
+
+    if backend is None and _csrc_can_run(x, packed_weight, bias):
+        # csrc's whole FourierUnit against the transforms around the best mix: measured, as every op.
+        n = x.shape[0] * h * (w // 2 + 1)
+        backend = backends.select(
+            x.device, has_cuda_impl=True, op="fourier_unit", trial=run,
+            shape=(backends.check_precision(precision) or backends.matmul_precision(), x.shape[1],
+                   packed_weight.shape[2], measured.size_class(n)))
+    return run(backend)
 
 
-def _runs_on_csrc(x, packed_weight, bias, backend) -> bool:
-    """Whether csrc's whole FourierUnit runs this call: the CUDA backend named (``backend="cuda"``
-    or FFC_KERNELS_BACKEND=cuda), a CUDA tensor, an extension built with it, and no gradient to
-    record (it has no backward; the spectral_mix path has one)."""
-    if backend is None and backends.forced_backend() == "cuda":
-        backend = backends.select(x.device, has_cuda_impl=True)  # raises when it cannot run
-    if backend != "cuda" or x.device.type != "cuda" or not _ext.has_fourier_unit():
+def _csrc_can_run(x, packed_weight, bias) -> bool:
+    """Whether csrc's whole FourierUnit can take this call: a CUDA tensor, an extension built with
+    it, and no gradient to record (it has no backward; the spectral_mix path has one)."""
+    if x.device.type != "cuda" or not _ext.has_fourier_unit():
         return False
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, packed_weight, bias)))
 
