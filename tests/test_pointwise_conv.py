@@ -217,3 +217,98 @@ def test_backward_into_out_and_bf16_inputs(device, backend):
     expected = torch.einsum("bohw,oc->bchw", mask.double(), wt)
     assert (xb.grad.double() - expected).abs().max() <= 0.02 * expected.abs().max()
     assert torch.equal(rb.grad, mask.to(torch.bfloat16))
+
+
+# --- each precision against what the tensor cores compute, emulated ---------------------------------
+
+TRITON = [db for db in DEVICE_BACKENDS if db[1] == "triton"]
+
+
+def emulated_pointwise(x, weight, bias, addend, tiled, residual, relu, precision, out_dtype):
+    """(value, bound): the kernel's sum s = x + addend + tile(tiled) in fp32, W and s rounded as the
+    tensor cores see them at ``precision`` and their products summed in fp64, then bias, residual,
+    ReLU; bound = what fp32 accumulation, the epilogue and the store's rounding may add."""
+    from tensor_core_rounding import accumulation_bound, emulated_matmul
+
+    b, ci, h, w = x.shape
+    s = x.float()
+    if addend is not None:
+        s = s + addend.float()
+    if tiled is not None:
+        s = s + tiled.float().repeat(1, 1, h // tiled.shape[2], w // tiled.shape[3])
+    value, magnitude, k = emulated_matmul(weight.float(), s.reshape(b, ci, h * w), precision)
+    for extra in (bias.float().double()[:, None] if bias is not None else None,
+                  residual.float().double().reshape(b, -1, h * w) if residual is not None else None):
+        if extra is not None:
+            value, magnitude = value + extra, magnitude + extra.abs()
+    if relu:
+        value = value.clamp_min(0)
+    value, magnitude = value.reshape(b, -1, h, w), magnitude.reshape(b, -1, h, w)
+    bound = accumulation_bound(magnitude, k, extra_roundings=3)
+    if out_dtype == torch.bfloat16:
+        # The store to bf16: the GPU rounds to nearest (half an ulp), Triton's interpreter truncates
+        # (under one ulp): the band allows the value's bf16 ulp, 2^-8 to 2^-7 of it, under a 1% bias.
+        _, exponent = torch.frexp(value.abs() + bound)
+        bound = bound + torch.ldexp(torch.ones_like(value), exponent - 8)
+    return value, bound
+
+
+def check_pointwise(fast, *args):
+    value, bound = emulated_pointwise(*args, out_dtype=fast.dtype)
+    err = (fast.double().cpu() - value.cpu()).abs()
+    excess = err - bound.cpu()
+    assert excess.max() <= 0, f"{(excess > 0).sum().item()} of {err.numel()} values outside the band"
+
+
+PRECISION_CASES = [  # (B, Ci, Co, H, W, tiled tile (TH, TW) or None, data dtype)
+    (1, 5, 7, 6, 9, None, torch.float32),
+    (3, 19, 33, 6, 8, (3, 2), torch.float32),
+    (2, 40, 24, 4, 10, (2, 5), torch.bfloat16),
+    (2, 17, 20, 5, 7, None, torch.bfloat16),
+]
+
+
+# bf16 data always multiplies as bf16; fp32 data at each precision. The last case reads a channel
+# slice of a larger tensor (strided batch and channel strides).
+PRECISION_PARAMS = [(case, p) for case in PRECISION_CASES
+                    for p in (("bf16",) if case[-1] == torch.bfloat16 else ("fp32", "tf32", "bf16"))]
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+@pytest.mark.parametrize("case,precision", PRECISION_PARAMS)
+def test_each_precision_within_its_emulated_rounding(device, backend, case, precision):
+    b, ci, co, h, w, tile, dtype = case
+    x, wt, bias, addend, _, residual = _inputs(b, ci + 3, co, h, w, device, seed=7)
+    x, addend = x[:, 1:ci + 1], addend[:, 2:ci + 2]  # channel slices: strided views
+    g = torch.Generator().manual_seed(8)
+    tiled = torch.randn(b, ci, *tile, generator=g, dtype=torch.float64).to(device) if tile else None
+    wt, bias = wt[:, :ci].float().contiguous(), bias.float()
+    x = x.to(dtype)
+    kw = {k: v.to(dtype) for k, v in dict(addend=addend, tiled=tiled, residual=residual).items()} if tile else {}
+    fast = pointwise_conv(x, wt, bias, relu=True, precision=precision, backend=backend, **kw)
+    assert fast.dtype == dtype
+    check_pointwise(fast, x, wt, bias, kw.get("addend"), kw.get("tiled"), kw.get("residual"), True, precision)
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+def test_the_band_catches_a_one_percent_bias_and_the_wrong_precision(device, backend):
+    x, wt, bias, addend, _, residual = _inputs(2, 24, 20, 6, 8, device, seed=9)
+    x, wt, bias, addend, residual = (t.float() for t in (x, wt, bias, addend, residual))
+    kw = dict(addend=addend, residual=residual)
+    results = {p: pointwise_conv(x, wt, bias, relu=True, precision=p, backend=backend, **kw)
+               for p in ("fp32", "tf32", "bf16")}
+    args = (x, wt, bias, addend, None, residual, True)
+    for precision, fast in results.items():
+        check_pointwise(fast, *args, precision)
+        with pytest.raises(AssertionError, match="outside the band"):
+            check_pointwise(fast * 1.01, *args, precision)
+        for other in results:
+            if other != precision:
+                with pytest.raises(AssertionError, match="outside the band"):
+                    check_pointwise(fast, *args, other)
+    xb, ab, rb = x.bfloat16(), addend.bfloat16(), residual.bfloat16()
+    fast = pointwise_conv(xb, wt, bias, addend=ab, residual=rb, relu=True, backend=backend)
+    assert fast.dtype == torch.bfloat16
+    check_pointwise(fast, xb, wt, bias, ab, None, rb, True, "bf16")
+    with pytest.raises(AssertionError, match="outside the band"):
+        check_pointwise((fast.float() * 1.01).bfloat16(), xb, wt, bias, ab, None, rb, True, "bf16")
