@@ -74,9 +74,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
   const int tid = threadIdx.x;
   const int tx = tid % THREADS_N;
   const int ty = tid / THREADS_N;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
-  const int m0 = blockIdx.y * BM;
-  const int64_t b = blockIdx.z;
+  // Output-channel tiles fastest: the blocks that read one spatial tile of the spectrum run side by
+  // side, so it comes from HBM once and from L2 for the other output channels.
+  const int m_tiles = (Co + BM - 1) / BM;
+  const int m0 = static_cast<int>(blockIdx.x % m_tiles) * BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x / m_tiles) * BN;
+  const int64_t b = blockIdx.y;
   x += b * x_batch_stride;
   out += b * Co * N;
   const int64_t w_cols = 2 * static_cast<int64_t>(Ci);
@@ -185,12 +188,12 @@ template <class Cfg, bool RELU>
 void launch_tiles(const float2* x, int64_t x_batch_stride, int64_t x_chan_stride, const float* w,
                   const float* bias, float2* out, int B, int Ci, int Co, int64_t N,
                   float weight_scale, float bias_scale, cudaStream_t stream) {
-  constexpr int kMaxGridZ = 65535;
+  constexpr int kMaxGridY = 65535;
   const unsigned n_tiles = static_cast<unsigned>((N + Cfg::BN - 1) / Cfg::BN);
   const unsigned m_tiles = static_cast<unsigned>((Co + Cfg::BM - 1) / Cfg::BM);
-  for (int b0 = 0; b0 < B; b0 += kMaxGridZ) {
-    const int batches = std::min(B - b0, kMaxGridZ);
-    _spectral_mix_kernel<Cfg, RELU><<<dim3(n_tiles, m_tiles, batches), Cfg::THREADS, 0, stream>>>(
+  for (int b0 = 0; b0 < B; b0 += kMaxGridY) {
+    const int batches = std::min(B - b0, kMaxGridY);
+    _spectral_mix_kernel<Cfg, RELU><<<dim3(n_tiles * m_tiles, batches), Cfg::THREADS, 0, stream>>>(
         x + b0 * x_batch_stride, x_batch_stride, x_chan_stride, w, bias,
         out + static_cast<int64_t>(b0) * Co * N, Ci, Co, N, weight_scale, bias_scale);
   }

@@ -55,7 +55,12 @@ __all__ = ["FastFFC", "FastFFC_BN_ACT", "FastFFCResnetBlock", "clear_fold_cache"
 
 
 def join_channels(a, b):
-    """The tensor whose channel slices are ``a`` then ``b``, if they are adjacent views of one buffer, else None."""
+    """The tensor whose channel slices are ``a`` then ``b``, if they are adjacent views of one buffer, else None.
+
+    None under torch.compile, which cannot trace storage pointers or ``as_strided`` (its graph
+    concatenates instead, and fuses that itself)."""
+    if torch.compiler.is_compiling():
+        return None
     if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.dim() != 4 or b.dim() != 4:
         return None
     if (a.dtype != b.dtype or a.device != b.device or a.stride() != b.stride()

@@ -85,3 +85,19 @@ def bottleneck(generator: str = "big-lama", size: int = 2048, batch: int = 1) ->
     global_channels = int(channels * resnet["ratio_gout"])
     side = size // 2 ** downs
     return Bottleneck(batch, side, side, global_channels, global_channels // 2, resnet.get("enable_lfu", True))
+
+
+def fourier_unit(b: Bottleneck, *, clone: bool, mix_precision: str = "tf32") -> Roofline:
+    """The whole FourierUnit at the bottleneck, fp32 data: C = fu_channels, P pixels, N spectral points.
+
+    cuFFT's 2-d transforms at these sizes run as two passes, each reading and writing its whole
+    tensor: R2C reads x (4CP) and writes the row transforms (8CN), then reads and writes them again
+    (16CN); C2R mirrors it (16CN + 8CN read + 4CP written). The mix reads and writes the spectrum
+    once (16CN). torch's irfft2 clones its input first (another 16CN); csrc's FourierUnit runs C2R in
+    place on the mix's own buffer and does not.
+    """
+    c, p, n = b.batch * b.fu_channels, b.pixels, b.spectral_points
+    bytes_ = 4 * c * p + 24 * c * n + 16 * c * n + 24 * c * n + 4 * c * p + (16 * c * n if clone else 0)
+    passes, rate = DOT_PASSES[mix_precision]
+    flops = 8.0 * b.fu_channels ** 2 * b.batch * n * passes
+    return Roofline(bytes_, flops, rate)
