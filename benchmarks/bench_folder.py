@@ -16,7 +16,6 @@ rewrites README.md's FOLDER-TABLE block from one.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
@@ -111,9 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--readme-from", metavar="JSON", help="only rewrite README.md's FOLDER-TABLE block")
     args = parser.parse_args(argv)
     if args.readme_from:
-        common.replace_readme_block("FOLDER-TABLE", markdown(json.loads(Path(args.readme_from).read_text())))
-        print("# updated README.md")
-        return 0
+        return common.readme_from(args.readme_from, "FOLDER-TABLE", markdown)
     import torch
 
     from lama_fast import folder, optimize
@@ -121,9 +118,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     batches = args.batches or ([1, 4] if device.type == "cpu" else [1, 4, 8])
-    env = common.environment(device)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
-    path = Path(args.out) / f"folder_{common.device_slug(device)}_{date}_{env.get('git_commit') or 'nocommit'}.json"
+    env, path = common.results_path("folder", device, args.out)
     result = {"schema": "folder-1", "environment": {k: v for k, v in env.items() if k != "backend_info"},
               "precision": args.precision, "count": args.count, "rows": []}
     generator = optimize(demo_generator(seed=0).eval().to(device), precision=args.precision)

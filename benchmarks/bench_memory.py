@@ -15,7 +15,6 @@ A point is SIZE:PRECISION[:TILE]. Results go to benchmarks/results/memory_<devic
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -98,15 +97,11 @@ def main(argv=None) -> int:
                         help="only rewrite README.md's MEMORY-TABLE block from this results file")
     args = parser.parse_args(argv)
     if args.readme_from:
-        common.replace_readme_block("MEMORY-TABLE", markdown(json.loads(Path(args.readme_from).read_text())))
-        print("# updated README.md")
-        return 0
+        return common.readme_from(args.readme_from, "MEMORY-TABLE", markdown)
     import torch
 
     device = torch.device(args.device)
-    env = common.environment(device)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
-    path = Path(args.out) / f"memory_{common.device_slug(device)}_{date}_{env.get('git_commit') or 'nocommit'}.json"
+    env, path = common.results_path("memory", device, args.out)
     result = {"schema": "memory-1", "environment": {k: v for k, v in env.items() if k != "backend_info"},
               "points": []}
     print(f"{'size':>6} {'precision':>9} {'tile':>5} {'seconds':>8} {'peak MiB':>9} {'estimate MiB':>12}")

@@ -21,7 +21,6 @@ optimized fp32 refinement at least 1.5x faster than the reference and at most 0.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -135,15 +134,11 @@ def main(argv=None) -> int:
     parser.add_argument("--readme-from", metavar="JSON", help="only rewrite README.md's REFINE-TABLE block")
     args = parser.parse_args(argv)
     if args.readme_from:
-        common.replace_readme_block("REFINE-TABLE", markdown(json.loads(Path(args.readme_from).read_text())))
-        print("# updated README.md")
-        return 0
+        return common.readme_from(args.readme_from, "REFINE-TABLE", markdown)
     import torch
 
     device = torch.device(args.device)
-    env = common.environment(device)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
-    path = Path(args.out) / f"refine_{common.device_slug(device)}_{date}_{env.get('git_commit') or 'nocommit'}.json"
+    env, path = common.results_path("refine", device, args.out)
     result = {"schema": "refine-1", "environment": {k: v for k, v in env.items() if k != "backend_info"},
               "settings": {"size": args.size, "n_iters": args.iters, "blocks": args.blocks or 18,
                            "lr": 0.002, "min_side": args.min_side, "max_scales": 3, "px_budget": 1_800_000},

@@ -957,3 +957,17 @@ def replace_readme_block(name: str, text: str, path: Path | str | None = None) -
         raise ValueError(f"{path} has no {begin} ... {end} block")
     start, stop = readme.index(begin) + len(begin), readme.index(end)
     path.write_text(readme[:start] + "\n" + text.strip() + "\n" + readme[stop:])
+
+
+def results_path(kind: str, device, out_dir: Path | str = RESULTS_DIR) -> tuple[dict, Path]:
+    """(the environment, ``out_dir/<kind>_<device>_<date>_<commit>.json``) of a benchmark run."""
+    env = environment(device)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+    return env, Path(out_dir) / f"{kind}_{device_slug(device)}_{date}_{env.get('git_commit') or 'nocommit'}.json"
+
+
+def readme_from(results_file: str, block: str, markdown) -> int:
+    """``--readme-from``: README.md's ``block`` rewritten as ``markdown(results)`` of one results file."""
+    replace_readme_block(block, markdown(json.loads(Path(results_file).read_text())))
+    print("# updated README.md")
+    return 0
