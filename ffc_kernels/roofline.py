@@ -13,7 +13,7 @@ from ffc_kernels.reference import GENERATOR_CONFIGS
 
 HBM_BYTES_PER_S = 3.35e12
 PEAK_FLOPS = {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12}
-# The issue's bar for the spectral mix and both pointwise convolutions: this share of HBM bandwidth.
+# The bar for the spectral mix and both pointwise convolutions: this share of HBM bandwidth.
 TARGET_BANDWIDTH_SHARE = 0.70
 
 # Tensor-core passes per dot and the rate they run at, by the kernels' dot precision: fp32-class
