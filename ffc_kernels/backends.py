@@ -181,7 +181,7 @@ def backend_info(device: str | torch.device | None = None) -> BackendInfo:
             selected = select(device, has_cuda_impl=True)
         except RuntimeError as exc:
             selected = f"none ({exc})"
-    prefix = measured.key("", device, ()).rsplit("|", 1)[0] + "|" if device.type == "cuda" and not missing else None
+    prefix = measured.prefix(device) if device.type == "cuda" and not missing else None
     choices = {} if prefix is None else {
         k[len(prefix):].replace("|", " "): (v["backend"], v.get("ms", {}))
         for k, v in measured.choices().items() if k.startswith(prefix)}

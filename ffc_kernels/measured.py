@@ -15,6 +15,7 @@ The file is ``backend-choices.json`` in ``$FFC_KERNELS_CACHE`` (default
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -43,7 +44,15 @@ def size_class(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def key(op: str, device: torch.device, shape: tuple) -> str:
+def prefix(device: torch.device) -> str:
+    """What a choice depends on besides the op and shape: the GPU's name and the versions of torch,
+    Triton and the CUDA extension; fixed for a process, so worked out once per device (every op
+    call asks for a key)."""
+    return _prefix(torch.device(device))
+
+
+@functools.cache
+def _prefix(device: torch.device) -> str:
     from ffc_kernels import _ext
 
     try:
@@ -54,8 +63,11 @@ def key(op: str, device: torch.device, shape: tuple) -> str:
         triton_version = "none"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     ext = _ext.build_id() if _ext.available() else "none"
-    return "|".join([name, f"torch {torch.__version__}", f"triton {triton_version}", f"ext {ext}", op,
-                     *map(str, shape)])
+    return "|".join([name, f"torch {torch.__version__}", f"triton {triton_version}", f"ext {ext}"]) + "|"
+
+
+def key(op: str, device: torch.device, shape: tuple) -> str:
+    return prefix(device) + "|".join([op, *map(str, shape)])
 
 
 def choices() -> dict[str, dict]:
