@@ -142,6 +142,7 @@ def run_folder(plan: FolderPlan, generator, *, batch_size: int = 1, overwrite: b
         bar.update(1)
 
     pending: dict[concurrent.futures.Future, Record] = {}
+    most_pending = max(2, 2 * batch_size)  # results held in memory while the writer catches up
 
     def collect(wait_for_all: bool) -> None:
         while pending:
@@ -154,7 +155,7 @@ def run_folder(plan: FolderPlan, generator, *, batch_size: int = 1, overwrite: b
                 except OSError as error:
                     record.status, record.error = "failed", f"cannot write {record.output}: {error}"
                 finish(record)
-            if not wait_for_all and len(pending) < max(2, 2 * batch_size):
+            if not wait_for_all and len(pending) < most_pending:
                 return
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lama-fast-writer") as writer:
@@ -166,7 +167,7 @@ def run_folder(plan: FolderPlan, generator, *, batch_size: int = 1, overwrite: b
                                 result.seconds, result.error, list(result.warnings))
                 if result.ok:
                     pending[writer.submit(_write_png, result.output, output)] = record
-                    if len(pending) >= max(2, 2 * batch_size):
+                    if len(pending) >= most_pending:
                         collect(wait_for_all=False)
                 else:
                     finish(record)

@@ -256,14 +256,14 @@ def _run_batch(batch, pairs, generator, device, dtype, tile_size) -> Iterator[In
         try:
             outputs = _forward(generator, group, [items[p].prepared for p in group.positions], device, dtype,
                                tile_size)
-            error = None
+            failure = None
         except (RuntimeError, ValueError, MemoryError) as exc:  # out of memory, a generator failing
-            outputs, error = [None] * len(group.positions), " ".join(str(exc).split()) or type(exc).__name__
+            outputs, failure = [None] * len(group.positions), exc
         share = (time.perf_counter() - start) / len(group.positions)
         for position, output in zip(group.positions, outputs):
             item = items[position]
             image, mask = pairs[item.index]
-            message = None if error is None else _message(RuntimeError(error), image)
+            message = None if failure is None else _message(failure, image)
             results[position] = InpaintResult(item.index, image, mask, output, message, item.seconds + share)
     for position in sorted(results):
         yield results[position]
