@@ -16,7 +16,6 @@ rewrites README.md's FOLDER-TABLE block from one.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -118,9 +117,8 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     batches = args.batches or ([1, 4] if device.type == "cpu" else [1, 4, 8])
-    env, path = common.results_path("folder", device, args.out)
-    result = {"schema": "folder-1", "environment": {k: v for k, v in env.items() if k != "backend_info"},
-              "precision": args.precision, "count": args.count, "rows": []}
+    result, path = common.new_results("folder", device, args.out, precision=args.precision, count=args.count,
+                                       rows=[])
     generator = optimize(demo_generator(seed=0).eval().to(device), precision=args.precision)
     print(f"{'size':>6} {'mode':>12} {'batch':>5} {'images/s':>9} {'speedup':>8} outputs", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,8 +143,7 @@ def main(argv=None) -> int:
                 print(f"{size:>6} {row['mode']:>12} {row['batch']:>5} {row['images_per_second']:>9.3f} "
                       f"{row['speedup']:>7.2f}x {'identical' if row['identical'] else row['max_diff']}", flush=True)
             result["rows"] += rows
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=1))
+            common.save_results(result, path)
     print(f"# wrote {path}")
     return 0
 

@@ -101,17 +101,14 @@ def main(argv=None) -> int:
     import torch
 
     device = torch.device(args.device)
-    env, path = common.results_path("memory", device, args.out)
-    result = {"schema": "memory-1", "environment": {k: v for k, v in env.items() if k != "backend_info"},
-              "points": []}
+    result, path = common.new_results("memory", device, args.out, points=[])
     print(f"{'size':>6} {'precision':>9} {'tile':>5} {'seconds':>8} {'peak MiB':>9} {'estimate MiB':>12}")
     for size, precision, tile in args.points:
         point = measure(size, precision, tile, args.device, args.timeout)
         result["points"].append(point)
         print(f"{size:>6} {precision:>9} {str(tile or '-'):>5} {point['seconds']:>8.1f} "
               f"{point['peak_bytes'] / 2**20:>9.0f} {point['estimate_bytes'] / 2**20:>12.0f}", flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+        common.save_results(result, path)
     print(f"# wrote {path}")
     return 0
 

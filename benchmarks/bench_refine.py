@@ -138,11 +138,10 @@ def main(argv=None) -> int:
     import torch
 
     device = torch.device(args.device)
-    env, path = common.results_path("refine", device, args.out)
-    result = {"schema": "refine-1", "environment": {k: v for k, v in env.items() if k != "backend_info"},
-              "settings": {"size": args.size, "n_iters": args.iters, "blocks": args.blocks or 18,
-                           "lr": 0.002, "min_side": args.min_side, "max_scales": 3, "px_budget": 1_800_000},
-              "points": []}
+    result, path = common.new_results(
+        "refine", device, args.out,
+        settings={"size": args.size, "n_iters": args.iters, "blocks": args.blocks or 18, "lr": 0.002,
+                  "min_side": args.min_side, "max_scales": 3, "px_budget": 1_800_000}, points=[])
     outputs = {}
     print(f"{'path':>10} {'precision':>9} {'seconds':>9} {'peak MiB':>9}")
     with tempfile.TemporaryDirectory() as workdir:
@@ -171,8 +170,7 @@ def main(argv=None) -> int:
             bf16["memory_ratio"] = bf16["peak_bytes"] / max(ref["peak_bytes"], 1)
         print(f"# bf16 against fp32: PSNR in the mask {bf16['psnr_in_mask_db']:.1f} dB, "
               f"max |diff| {bf16['max_abs_255']:.0f}/255")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    common.save_results(result, path)
     print(f"# wrote {path}")
     return 0
 

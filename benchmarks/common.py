@@ -959,11 +959,20 @@ def replace_readme_block(name: str, text: str, path: Path | str | None = None) -
     path.write_text(readme[:start] + "\n" + text.strip() + "\n" + readme[stop:])
 
 
-def results_path(kind: str, device, out_dir: Path | str = RESULTS_DIR) -> tuple[dict, Path]:
-    """(the environment, ``out_dir/<kind>_<device>_<date>_<commit>.json``) of a benchmark run."""
+def new_results(kind: str, device, out_dir: Path | str = RESULTS_DIR, **fields) -> tuple[dict, Path]:
+    """A benchmark run's results, ``{"schema": "<kind>-1", "environment": ..., **fields}``, and the
+    file they go to, ``out_dir/<kind>_<device>_<date>_<commit>.json``."""
     env = environment(device)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
-    return env, Path(out_dir) / f"{kind}_{device_slug(device)}_{date}_{env.get('git_commit') or 'nocommit'}.json"
+    path = Path(out_dir) / f"{kind}_{device_slug(device)}_{date}_{env.get('git_commit') or 'nocommit'}.json"
+    result = {"schema": f"{kind}-1", "environment": {k: v for k, v in env.items() if k != "backend_info"}, **fields}
+    return result, path
+
+
+def save_results(result: dict, path: Path) -> None:
+    """Write (or rewrite, after each measurement) a run's results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
 
 
 def readme_from(results_file: str, block: str, markdown) -> int:
