@@ -46,7 +46,8 @@ def load(paths) -> list[dict]:
         except (OSError, json.JSONDecodeError) as exc:
             print(f"report: skipping {f}: {exc}", file=sys.stderr)
             continue
-        if isinstance(data, dict) and "rows" in data:
+        # The per-op benchmarks' files (schema 1); the folder, memory, refine and sweep runs have their own.
+        if isinstance(data, dict) and "rows" in data and data.get("schema") == 1:
             loaded.append({"path": f, "data": data})
     loaded.sort(key=lambda r: (r["data"].get("commands") or [{}])[-1].get("started", ""))
     return loaded
