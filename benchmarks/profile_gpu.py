@@ -35,6 +35,7 @@ import common  # noqa: E402
 import lama_fast  # noqa: E402
 from lama_fast.sweep import lama_input  # noqa: E402
 from ffc_kernels.ops import dense  # noqa: E402
+from ffc_kernels import backends  # noqa: E402
 from lama_fast import optimized  # noqa: E402
 from lama_fast.demo import demo_generator  # noqa: E402
 
@@ -96,7 +97,7 @@ def step_name(step, i) -> str:
 
 def per_step(plan, x) -> list[dict]:
     rows = []
-    with optimized._cuda_precision(plan.device, plan.precision.allow_tf32):
+    with backends.cuda_fp32_precision(plan.device, plan.precision.allow_tf32):
         state = (x.to(plan.precision.dtype), None)
         for i, step in enumerate(plan.steps):
             ms = bench(lambda: step(state, plan), rep_ms=100)
@@ -108,7 +109,7 @@ def per_step(plan, x) -> list[dict]:
 
 def conv_alternatives(plan, x) -> list[dict]:
     rows = []
-    with optimized._cuda_precision(plan.device, plan.precision.allow_tf32):
+    with backends.cuda_fp32_precision(plan.device, plan.precision.allow_tf32):
         state = (x.to(plan.precision.dtype), None)
         for i, step in enumerate(plan.steps):
             convs = []

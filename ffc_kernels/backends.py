@@ -8,6 +8,7 @@ Triton backend forced, which is how the kernels are proven on machines without a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -70,14 +71,15 @@ def warn_once(message: str) -> None:
 
 
 def select(device: torch.device, has_cuda_impl: bool = False, *, op: str | None = None, shape: tuple = (),
-           trial: Callable[[str], object] | None = None) -> str:
+           trial: Callable[[str], object] | None = None, tolerance: float | None = None) -> str:
     """The backend that runs an op on ``device``.
 
     ``has_cuda_impl`` says whether the op has a kernel in the CUDA extension; ops without one
     run on Triton when the extension is forced. On CUDA, an op that says how to run itself
     (``op``, ``shape``: its shape class, ``trial(backend)``: runs it once) gets the fastest of
     the backends that can run it, timed once per op, GPU and shape class and kept on disk for
-    every process (``ffc_kernels.measured``). A CUDA graph capture or a torch.compile trace
+    every process (``ffc_kernels.measured``); with a ``tolerance``, a backend whose output differs
+    from the torch backend's by more is never chosen. A CUDA graph capture or a torch.compile trace
     cannot time anything: it takes the stored choice, else the fixed order Triton, the CUDA
     extension, torch, which is also what an op without a trial gets.
     """
@@ -102,7 +104,7 @@ def select(device: torch.device, has_cuda_impl: bool = False, *, op: str | None 
         return _stored_choice(op, str(device), tuple(shape), tuple(candidates))
     if torch.cuda.is_current_stream_capturing():
         return measured.known(op, device, tuple(shape), candidates) or candidates[0]
-    return measured.choose(op, device, tuple(shape), candidates, trial)
+    return measured.choose(op, device, tuple(shape), candidates, trial, tolerance=tolerance)
 
 
 @torch.compiler.assume_constant_result
@@ -198,3 +200,65 @@ def _missing_cuda_device(device: torch.device) -> str | None:
     if device.index is not None and device.index >= count:
         return f"torch sees {count} CUDA device{'s' if count > 1 else ''}, so there is no {device}"
     return None
+
+
+# ------------------------------------------------------------------ torch's fp32 switches
+
+class _Switch:
+    """One of torch's process-wide fp32 precision switches, read and written through the API the
+    process already uses: torch raises when its legacy flags are read after its per-backend
+    ``fp32_precision`` API was used, and the legacy matmul flag cannot say "medium"."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        try:
+            if kind == "matmul":
+                self.legacy = torch.get_float32_matmul_precision()
+            else:
+                self.legacy = torch.backends.cudnn.allow_tf32
+        except RuntimeError:  # the process uses fp32_precision
+            self.legacy = None
+        self.target = torch.backends.cuda.matmul if kind == "matmul" else torch.backends.cudnn.conv
+
+    def get(self):
+        if self.legacy is not None:
+            return torch.get_float32_matmul_precision() if self.kind == "matmul" else torch.backends.cudnn.allow_tf32
+        return self.target.fp32_precision
+
+    def set(self, value) -> None:
+        if self.legacy is None:
+            self.target.fp32_precision = value
+        elif self.kind == "matmul":
+            torch.set_float32_matmul_precision(value)
+        else:
+            torch.backends.cudnn.allow_tf32 = value
+
+    def value(self, allow_tf32: bool):
+        if self.legacy is None:
+            return "tf32" if allow_tf32 else "ieee"
+        if self.kind == "matmul":
+            return "high" if allow_tf32 else "highest"
+        return allow_tf32
+
+
+def fp32_switches() -> list[_Switch]:
+    """cuDNN's convolutions and cuBLAS's matmuls."""
+    return [_Switch("conv"), _Switch("matmul")]
+
+
+@contextlib.contextmanager
+def cuda_fp32_precision(device: torch.device, allow_tf32: bool):
+    """cuDNN's and cuBLAS's fp32 precision as the plan needs them, for the duration of a CUDA
+    forward (they are process-wide switches, the only control torch gives), restored afterwards."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        yield
+        return
+    switches = fp32_switches()
+    saved = [switch.get() for switch in switches]
+    try:
+        for switch in switches:
+            switch.set(switch.value(allow_tf32))
+        yield
+    finally:
+        for switch, value in zip(switches, saved):
+            switch.set(value)

@@ -11,15 +11,23 @@ precision, channel counts, the spectral or spatial size rounded to a power of tw
 The file is ``backend-choices.json`` in ``$FFC_KERNELS_CACHE`` (default
 ``$XDG_CACHE_HOME/ffc-kernels``, else ``~/.cache/ffc-kernels``); delete it to time again.
 ``FFC_KERNELS_BACKEND`` still forces one backend without any timing.
+
+Agreement. Before anything is timed, every candidate's output is compared with the torch
+backend's on the same inputs; a backend whose relative L2 difference exceeds the precision's
+``TOLERANCE`` is left out of the timing, recorded under ``"rejected"`` in the entry, and named in
+a warning. A kernel that is wrong on one GPU (a tile configuration no CPU test can run) is then
+never chosen there, however fast.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import json
+import math
 import os
 import statistics
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +35,13 @@ import torch
 
 FILE_NAME = "backend-choices.json"
 RUNS = 5  # timed runs per backend, after one warm-up; the median decides
+
+# Largest relative L2 difference from the torch backend's output that a candidate may show, by
+# the flavour of its dots (``ops._common.triton_dot_precision``'s names; "fp32" for ops that take
+# the user's names): about 8x what rounding to each format gives on LaMa's reductions (TF32
+# about 5e-4, bf16 about 4e-3), far below what a wrong tile or index gives (above 5e-2).
+TOLERANCE = {"fp32": 1e-4, "tf32x3": 1e-4, "ieee": 1e-4, "tf32": 4e-3, "bf16": 3e-2, "bf16_emulated": 3e-2,
+             "fp16": 1e-2, "fp16_emulated": 1e-2}
 
 _memory: dict[str, dict] = {}
 _lock = threading.Lock()
@@ -87,9 +102,11 @@ def known(op: str, device: torch.device, shape: tuple, candidates: list[str]) ->
 
 
 def choose(op: str, device: torch.device, shape: tuple, candidates: list[str],
-           trial: Callable[[str], object], timer: Callable | None = None) -> str:
+           trial: Callable[[str], object], timer: Callable | None = None, tolerance: float | None = None) -> str:
     """The fastest of ``candidates`` for ``op`` at ``shape`` on ``device``, timed at most once per
-    machine. ``trial(backend)`` runs the op once on that backend. One candidate needs no timing."""
+    machine. ``trial(backend)`` runs the op once on that backend and returns its output. With a
+    ``tolerance`` and "torch" among the candidates, those whose output differs from torch's by
+    more (``disagreement``) are not timed and never chosen. One candidate needs no timing."""
     if len(candidates) == 1:
         return candidates[0]
     k = key(op, device, shape)
@@ -99,10 +116,48 @@ def choose(op: str, device: torch.device, shape: tuple, candidates: list[str],
         with _file_lock():
             _merge_file()
             if k not in _memory or _memory[k]["backend"] not in candidates:
-                ms = {b: (timer or _time_cuda)(lambda b=b: trial(b), device) for b in candidates}
+                rejected = _disagreeing(op, shape, candidates, trial, tolerance)
+                ms = {b: (timer or _time_cuda)(lambda b=b: trial(b), device) for b in candidates
+                      if b not in rejected}
                 _memory[k] = {"backend": min(ms, key=ms.get), "ms": ms}
+                if rejected:
+                    _memory[k]["rejected"] = rejected
                 _write_file()
         return _memory[k]["backend"]
+
+
+def disagreement(out, reference) -> float:
+    """Relative L2 difference of ``out`` from ``reference`` (complex as real pairs); inf when their
+    shapes, or where they are finite, differ."""
+    if not isinstance(out, torch.Tensor) or not isinstance(reference, torch.Tensor) or out.shape != reference.shape:
+        return math.inf
+    if out.is_complex() or reference.is_complex():
+        if not (out.is_complex() and reference.is_complex()):
+            return math.inf
+        out, reference = torch.view_as_real(out), torch.view_as_real(reference)
+    out, reference = out.double(), reference.double()
+    finite = torch.isfinite(reference)
+    if not torch.equal(finite, torch.isfinite(out)):
+        return math.inf
+    diff, scale = (out - reference)[finite].norm().item(), reference[finite].norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _disagreeing(op, shape, candidates, trial, tolerance) -> dict[str, float]:
+    """{backend: its disagreement with torch} for the candidates beyond ``tolerance``."""
+    if tolerance is None or "torch" not in candidates:
+        return {}
+    reference = trial("torch")
+    rejected = {}
+    for backend in candidates:
+        if backend != "torch":
+            err = disagreement(trial(backend), reference)
+            if not err <= tolerance:
+                rejected[backend] = err
+                warnings.warn(f"ffc_kernels: the {backend} backend's {op} differs from torch's by {err:.3g} "
+                              f"(relative L2, tolerance {tolerance:g}) at shape class {shape} on this device; "
+                              f"it is not used there", RuntimeWarning, stacklevel=4)
+    return rejected
 
 
 def _time_cuda(fn: Callable[[], object], device: torch.device) -> float:

@@ -51,7 +51,6 @@ cuDNN's TF32 switch around itself, so the compiled module keeps its precision to
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections import OrderedDict
@@ -62,6 +61,7 @@ import torch.nn.functional as F
 
 import ffc_kernels
 from ffc_kernels import backends
+from ffc_kernels.backends import cuda_fp32_precision
 from ffc_kernels.fold import batchnorm_affine, fold
 from ffc_kernels.modules import FastFFC_BN_ACT, FastFFCResnetBlock, set_precision
 from ffc_kernels.modules import _relu_flag as fused_relu_flag
@@ -125,66 +125,6 @@ def _resolve_precision(name: str, device: torch.device) -> _Precision:
     return _Precision("fp32", torch.float32, "fp32", False)
 
 
-class _Switch:
-    """One of torch's process-wide fp32 precision switches, read and written through the API the
-    process already uses: torch raises when its legacy flags are read after its per-backend
-    ``fp32_precision`` API was used, and the legacy matmul flag cannot say "medium"."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        try:
-            if kind == "matmul":
-                self.legacy = torch.get_float32_matmul_precision()
-            else:
-                self.legacy = torch.backends.cudnn.allow_tf32
-        except RuntimeError:  # the process uses fp32_precision
-            self.legacy = None
-        self.target = torch.backends.cuda.matmul if kind == "matmul" else torch.backends.cudnn.conv
-
-    def get(self):
-        if self.legacy is not None:
-            return torch.get_float32_matmul_precision() if self.kind == "matmul" else torch.backends.cudnn.allow_tf32
-        return self.target.fp32_precision
-
-    def set(self, value) -> None:
-        if self.legacy is None:
-            self.target.fp32_precision = value
-        elif self.kind == "matmul":
-            torch.set_float32_matmul_precision(value)
-        else:
-            torch.backends.cudnn.allow_tf32 = value
-
-    def value(self, allow_tf32: bool):
-        if self.legacy is None:
-            return "tf32" if allow_tf32 else "ieee"
-        if self.kind == "matmul":
-            return "high" if allow_tf32 else "highest"
-        return allow_tf32
-
-
-def _fp32_switches() -> list[_Switch]:
-    """cuDNN's convolutions and cuBLAS's matmuls."""
-    return [_Switch("conv"), _Switch("matmul")]
-
-
-@contextlib.contextmanager
-def _cuda_precision(device: torch.device, allow_tf32: bool):
-    """cuDNN's and cuBLAS's fp32 precision as the plan needs them, for the duration of a CUDA
-    forward (they are process-wide switches, the only control torch gives), restored afterwards."""
-    if device.type != "cuda" or torch.compiler.is_compiling():
-        yield
-        return
-    switches = _fp32_switches()
-    saved = [switch.get() for switch in switches]
-    try:
-        for switch in switches:
-            switch.set(switch.value(allow_tf32))
-        yield
-    finally:
-        for switch, value in zip(switches, saved):
-            switch.set(value)
-
-
 @torch.library.custom_op("lama_fast::conv_at_precision", mutates_args=(), schema=(
     "(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, bool transposed, "
     "int[] output_padding, bool allow_tf32) -> Tensor"))
@@ -194,7 +134,7 @@ def _conv_at_precision(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """A CUDA convolution at the plan's fp32 precision whatever torch's switches say: under
     ``torch.compile`` the forward is traced and ``_cuda_precision`` does not run, so the
     convolutions that depend on it are this op, which sets the switches around itself."""
-    with _cuda_precision(x.device, allow_tf32):
+    with cuda_fp32_precision(x.device, allow_tf32):
         return _conv_fake(x, weight, bias, stride, padding, dilation, transposed, output_padding, allow_tf32)
 
 
@@ -460,7 +400,7 @@ class _SpectralFFCGrad(torch.autograd.Function):
         g_l = g_l.new_zeros(ctx.shapes[0]) if g_l is None else g_l if mask_l is None else g_l * mask_l
         g_g = g_g.new_zeros(ctx.shapes[1]) if g_g is None else g_g if mask_g is None else g_g * mask_g
         x_g, masks = (None, kept) if ctx.has_masks else (kept[0], None)
-        with _cuda_precision(ctx.plan.device, ctx.plan.precision.allow_tf32):
+        with cuda_fp32_precision(ctx.plan.device, ctx.plan.precision.allow_tf32):
             d_l, d_g = ctx.step.input_grad(ctx.shapes, x_g, masks, g_l.to(dtype), g_g.to(dtype), ctx.plan)
         return d_l, d_g, None, None
 
@@ -512,7 +452,7 @@ class _Plan:
     def run_steps(self, state, start: int = 0, stop: int | None = None):
         """``steps[start:stop]`` on a (local, global) state in the plan's dtype (channels_last; global
         None where there is none). Differentiable with respect to the state when it requires grad."""
-        with _cuda_precision(self.device, self.precision.allow_tf32):
+        with cuda_fp32_precision(self.device, self.precision.allow_tf32):
             for step in self.steps[start:stop]:
                 state = step(state, self)
         return state
@@ -959,7 +899,7 @@ def _optimized_forward(self, x):
     if plan is None:
         return original(self, x)
     x = _check_input(plan, x)
-    with _cuda_precision(plan.device, plan.precision.allow_tf32):
+    with cuda_fp32_precision(plan.device, plan.precision.allow_tf32):
         if (state.cuda_graphs and plan.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()):
             return state.run_graphed(plan, x)
         return plan.run(x, state.tile_size)

@@ -163,9 +163,9 @@ def test_cubin_resources(arch, tmp_path):
 
 TF32_MMA = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
 BF16_MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
-# MMAs per kernel (the k loop is unrolled): large tile 4 x 4 tiles per k step, small 2 x 2; a BK = 8
-# stage is 2 TF32 k steps (4 channels each) or 1 BF16 k step (8 channels).
-MMAS_PER_KERNEL = {("tf32", 64): 32, ("tf32", 16): 8, ("bf16", 64): 16, ("bf16", 16): 4}
+# MMAs per kernel (the k loop is unrolled): 2 x 2 tiles per k step; a BK = 8 stage is 2 TF32 k
+# steps (4 channels each) or 1 BF16 k step (8 channels).
+MMAS_PER_KERNEL = {"tf32": 8, "bf16": 4}
 
 
 def compile_cubin(source: Path, arch: int, out: Path) -> dict[str, dict[str, int]]:
@@ -179,19 +179,17 @@ def compile_cubin(source: Path, arch: int, out: Path) -> dict[str, dict[str, int
 @needs_nvcc
 @pytest.mark.parametrize("arch", [80, 90])
 def test_mma_cubin_resources_and_mma(arch, tmp_path):
-    """spectral_mix_mma.cu: no spills, registers within each tile's launch bounds (128 for the
-    large tile's two blocks per SM, 85 for the small tile's three), shared memory within the
-    limit, and every kernel's PTX multiplying with its precision's mma.sync, as often as its
-    tiles imply."""
+    """spectral_mix_mma.cu: no spills, registers within the launch bounds (85 for three blocks
+    per SM), shared memory within the limit, and every kernel's PTX multiplying with its
+    precision's mma.sync, as often as its tile implies."""
     kernels = compile_cubin(MMA_SOURCE, arch, tmp_path / f"mma_sm{arch}.cubin")
-    assert len(kernels) == 8, f"expected 2 tiles x (tf32, bf16) x relu on/off, got {list(kernels)}"
+    assert len(kernels) == 4, f"expected (tf32, bf16) x relu on/off, got {list(kernels)}"
     print(f"\nsm_{arch}: {'kernel':42s} {'regs':>5s} {'smem B':>7s} {'spill st/ld':>11s}")
     for name, k in sorted(kernels.items(), key=lambda kv: kernel_label(kv[0])):
         label = f"sm_{arch} {kernel_label(name)}"
         print(f"{label:48s} {k['registers']:5d} {k['smem']:7d} {k['spill_stores']:5d}/{k['spill_loads']:<5d}")
         assert k["spill_stores"] == 0 and k["spill_loads"] == 0, f"{label} spills: {k}"
-        budget = 128 if "tile 64x" in label else 85
-        assert k["registers"] <= budget, f"{label} uses {k['registers']} registers (> {budget})"
+        assert k["registers"] <= 85, f"{label} uses {k['registers']} registers (> 85)"
         assert k["smem"] <= SMEM_LIMIT[arch], f"{label} uses {k['smem']} B of shared memory"
     nvcc = str(Path(CUDA_HOME) / "bin" / "nvcc")
     ptx_file = tmp_path / f"mma_sm{arch}.ptx"
@@ -199,12 +197,12 @@ def test_mma_cubin_resources_and_mma(arch, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     entries = ptx_file.read_text().split(".entry ")[1:]
-    assert len(entries) == 8
+    assert len(entries) == 4
     for body in entries:
         label = kernel_label(body[:body.index("(")])
-        precision, bm = label.split()[-2], int(label.split()[1].split("x")[0])
+        precision = label.split()[-2]
         mma, other = (TF32_MMA, BF16_MMA) if precision == "tf32" else (BF16_MMA, TF32_MMA)
-        assert body.count(mma) == MMAS_PER_KERNEL[precision, bm] and other not in body, label
+        assert body.count(mma) == MMAS_PER_KERNEL[precision] and other not in body, label
 
 
 def find_cuobjdump() -> str | None:
@@ -232,9 +230,9 @@ def test_mma_sass_runs_on_tensor_cores(arch, tmp_path):
     assert proc.returncode == 0, proc.stderr
     hmma = [line for line in proc.stdout.splitlines() if "HMMA" in line]
     print(f"\nsm_{arch}: {len(hmma)} HMMA, e.g. {hmma[0].split('*/')[1].split(';')[0].strip() if hmma else None}")
-    assert sum(".F32.TF32" in line for line in hmma) == 2 * (32 + 8)  # 2 x relu on/off
-    assert sum(".F32.BF16" in line for line in hmma) == 2 * (16 + 4)
-    assert len(hmma) == 2 * (32 + 8 + 16 + 4)
+    assert sum(".F32.TF32" in line for line in hmma) == 2 * 8  # 2 x relu on/off
+    assert sum(".F32.BF16" in line for line in hmma) == 2 * 4
+    assert len(hmma) == 2 * (8 + 4)
 
 
 # --- (b) the kernel source, emulated on the CPU ---------------------------------------------------
@@ -582,12 +580,11 @@ def as_real_rows(out):
 
 
 @pytest.mark.parametrize("precision", list(MMA_ENTRIES))
-@pytest.mark.parametrize("tile", list(TILES))
 @pytest.mark.parametrize("B,Ci,Co,H,W,bias,relu,strided,ws,bs", TF32_CASES)
-def test_emulated_mma_kernel_matches_rounded_reference(emulated_mma, precision, tile, B, Ci, Co, H, W,
+def test_emulated_mma_kernel_matches_rounded_reference(emulated_mma, precision, B, Ci, Co, H, W,
                                                        bias, relu, strided, ws, bs):
     spec, weight, b = make_case(B, Ci, Co, H, W, bias=bias, strided=strided)
-    out = emulated_mma[precision](spec, weight, b, relu, TILES[tile], ws, bs)
+    out = emulated_mma[precision](spec, weight, b, relu, 1, ws, bs)  # one tile whatever the SM count
     expected, tol = mma_reference(spec, weight, b, relu, ws, bs, precision)
     err = (as_real_rows(out) - expected).abs()
     assert (err <= tol).all(), f"{(err > tol).sum().item()} outside; worst err/tol {(err / tol).max().item():.3g}"
@@ -1058,7 +1055,7 @@ FU_GPU_CASES = [
     (3, 17, 20, 12, 15, "backward", False),
     (2, 6, 3, 7, 10, "forward", True),
     (1, 192, 192, 64, 64, "ortho", False),  # big-lama's FourierUnit at 512^2
-    (2, 192, 192, 128, 128, "ortho", False),  # at 1024^2, batch 2: the large tiles
+    (2, 192, 192, 128, 128, "ortho", False),  # at 1024^2, batch 2 (where a larger MMA tile was 8% off)
 ]
 
 

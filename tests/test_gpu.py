@@ -13,6 +13,11 @@ pytestmark = pytest.mark.gpu
 
 GPU_BACKENDS = ["triton", "torch"]
 
+# fp32-class on Triton is split TF32 on tensor cores, whose fp32 accumulation truncates: on an
+# H100 and an H200 its error at big-lama's bottleneck and output was 6-7x plain IEEE fp32's
+# (itself 1e-5), within the generator's fp32 target of 1e-4. The torch backend is IEEE fp32.
+SPLIT_TF32_FACTOR = {"triton": 8.0, "torch": 4.0}
+
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("size", [64, 128, 256])
@@ -48,7 +53,7 @@ def test_ffc_bn_act_at_lama_bottleneck(fp32, monkeypatch, backend, size, dtype):
         out = fast(split(x.to(dtype)))
         assert fast.last_path == "fused"
         if dtype == torch.float32:
-            assert_close_to_reference(out, exact, ref(split(x.float())))
+            assert_close_to_reference(out, exact, ref(split(x.float())), factor=SPLIT_TF32_FACTOR[backend])
         else:
             for o, e in zip(out, exact):
                 assert max_err(o, e) <= 0.05 * e.abs().max().item()
@@ -64,7 +69,9 @@ def test_big_lama_generator_at_512(fp32, monkeypatch, backend):
     x = torch.rand(1, 4, 512, 512, device="cuda")
     with torch.inference_mode():
         exact = copy.deepcopy(gen).double()(x.double())
-        assert_close_to_reference(fast(x), exact, gen(x))
+        out = fast(x)
+        assert_close_to_reference(out, exact, gen(x), factor=SPLIT_TF32_FACTOR[backend])
+        assert max_err(out, exact) <= 1e-4  # the optimized generator's fp32 target
 
 
 def test_backend_info_on_cuda():

@@ -153,8 +153,8 @@ def test_spectral_mix_names_its_shape_class(cache, monkeypatch):
 
     seen = {}
 
-    def spy(device, has_cuda_impl=False, *, op=None, shape=(), trial=None):
-        seen.update(op=op, shape=shape, out=trial("torch"))
+    def spy(device, has_cuda_impl=False, *, op=None, shape=(), trial=None, tolerance=None):
+        seen.update(op=op, shape=shape, out=trial("torch"), tolerance=tolerance)
         return "torch"
 
     monkeypatch.setattr(backends, "select", spy)
@@ -162,6 +162,7 @@ def test_spectral_mix_names_its_shape_class(cache, monkeypatch):
     weight = torch.randn(8, 12)
     out = spectral_mix.spectral_mix(spec, spectral_mix.pack_weight(weight), precision="tf32")
     assert seen["op"] == "spectral_mix" and seen["shape"] == ("tf32", 6, 4, 32, True)
+    assert seen["tolerance"] == measured.TOLERANCE["tf32"]
     torch.testing.assert_close(seen["out"], out, rtol=0, atol=0)
 
 
@@ -187,10 +188,10 @@ def test_pointwise_conv_trials_leave_an_in_place_residual_alone(cache, monkeypat
 
     seen = {}
 
-    def spy(device, has_cuda_impl=False, *, op=None, shape=(), trial=None):
+    def spy(device, has_cuda_impl=False, *, op=None, shape=(), trial=None, tolerance=None):
         for _ in range(3):
-            trial("torch")
-        seen.update(op=op, shape=shape)
+            assert trial("torch") is not None  # a scratch output, never ``out``
+        seen.update(op=op, shape=shape, tolerance=tolerance)
         return "torch"
 
     monkeypatch.setattr(backends, "select", spy)
@@ -199,7 +200,8 @@ def test_pointwise_conv_trials_leave_an_in_place_residual_alone(cache, monkeypat
     expected = torch.relu(torch.einsum("oc,nchw->nohw", w, x) + y)
     pointwise_conv(x, w, residual=y, out=y, relu=True, precision="fp32")
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-    assert seen == {"op": "pointwise_conv", "shape": ("float32", "tf32x3", 6, 3, 32, False, False, True, False)}
+    assert seen == {"op": "pointwise_conv", "shape": ("float32", "tf32x3", 6, 3, 32, False, False, True, False),
+                    "tolerance": measured.TOLERANCE["tf32x3"]}
 
 
 def test_fourier_unit_measures_csrc_whole_against_the_split_path(cache, monkeypatch):
@@ -216,8 +218,8 @@ def test_fourier_unit_measures_csrc_whole_against_the_split_path(cache, monkeypa
     monkeypatch.setattr(fu, "_fourier_unit_csrc", lambda *args: whole)
     seen = {}
 
-    def spy(device, has_cuda_impl=False, *, op=None, shape=(), trial=None):
-        seen.update(op=op, shape=shape, cuda=trial("cuda"), torch=trial("torch"))
+    def spy(device, has_cuda_impl=False, *, op=None, shape=(), trial=None, tolerance=None):
+        seen.update(op=op, shape=shape, cuda=trial("cuda"), torch=trial("torch"), tolerance=tolerance)
         return seen["pick"]
 
     monkeypatch.setattr(backends, "select", spy)
@@ -225,5 +227,74 @@ def test_fourier_unit_measures_csrc_whole_against_the_split_path(cache, monkeypa
         seen["pick"] = pick
         torch.testing.assert_close(fu.fourier_unit(x, weight, None, precision="fp32"), expected)
     assert seen["op"] == "fourier_unit" and seen["shape"] == ("fp32", 4, 4, 32)
+    assert seen["tolerance"] == measured.TOLERANCE["fp32"]
     assert seen["cuda"] is whole
     torch.testing.assert_close(seen["torch"], split)
+
+
+def test_a_backend_that_disagrees_with_torch_is_never_timed_or_chosen(cache):
+    """A backend whose output is wrong on this device (as csrc's large MMA tile was on an H100 while
+    every CPU emulation of it passed) is left out however fast, and the entry says why."""
+    torch.manual_seed(0)
+    exact = torch.randn(2, 3, 8, 5, dtype=torch.complex64)
+    wrong = exact.clone()
+    wrong[:, :, :1] = 0  # a block of outputs never written
+    near = exact + 1e-3 * torch.randn_like(exact) * exact.abs().mean()  # bf16-like rounding
+    outputs = {"cuda": wrong, "triton": near, "torch": exact}
+    calls = []
+
+    def trial(backend):
+        calls.append(backend)
+        return outputs[backend]
+
+    timer = fake_timer({"cuda": 0.1, "triton": 1.0, "torch": 2.0}, calls)
+    with pytest.warns(RuntimeWarning, match=r"cuda backend's spectral_mix differs from torch's by 0\.\d+"):
+        choice = measured.choose("spectral_mix", torch.device("cpu"), ("bf16", 3, 3, 64, True),
+                                 ["cuda", "triton", "torch"], trial, timer, tolerance=measured.TOLERANCE["bf16"])
+    assert choice == "triton"
+    (entry,) = json.loads((cache / measured.FILE_NAME).read_text()).values()
+    assert set(entry["ms"]) == {"triton", "torch"} and set(entry["rejected"]) == {"cuda"}
+    assert 0.05 < entry["rejected"]["cuda"] < 1
+    # The same outputs at fp32's tolerance: the rounded one is rejected too.
+    with pytest.warns(RuntimeWarning) as record:
+        assert measured.choose("spectral_mix", torch.device("cpu"), ("fp32", 3, 3, 64, True),
+                               ["cuda", "triton", "torch"], trial, timer, tolerance=measured.TOLERANCE["fp32"]) == "torch"
+    assert sorted(str(w.message).split()[2] for w in record) == ["cuda", "triton"]
+
+
+def test_disagreement():
+    a = torch.randn(4, 5, dtype=torch.float64)
+    assert measured.disagreement(a, a) == 0
+    assert measured.disagreement(a * 1.01, a) == pytest.approx(0.01)
+    assert measured.disagreement(a[:3], a) == float("inf")  # shape
+    b = a.clone()
+    b[0, 0] = float("nan")
+    assert measured.disagreement(b, a) == float("inf")  # NaN where the reference is finite
+    assert measured.disagreement(b, b) == 0  # the same non-finite positions are compared elsewhere
+    z = torch.randn(3, 3, dtype=torch.complex64)
+    assert measured.disagreement(z, z.real) == float("inf")
+    assert measured.disagreement(z * (1 + 1e-3j), z) == pytest.approx(1e-3, rel=1e-3)
+    assert measured.disagreement(torch.zeros(3), torch.zeros(3)) == 0
+
+
+@pytest.mark.parametrize("precision,allow_tf32", [("fp32", False), ("tf32", True), ("bf16", True)])
+def test_torch_backends_run_at_the_asked_precision(monkeypatch, precision, allow_tf32):
+    """The torch backend of the fused ops sets cuDNN's and cuBLAS's fp32 switches for its call, so
+    an op asked for fp32-class accuracy is IEEE fp32 even where the process allows TF32 (as a
+    compiled graph, which skips the module's own switch setting, would otherwise run it)."""
+    from ffc_kernels import backends
+    from ffc_kernels.ops.pointwise_conv import pointwise_conv
+    from ffc_kernels.ops.spectral_mix import pack_weight, spectral_mix
+
+    seen = []
+    real = backends.cuda_fp32_precision
+
+    def spy(device, allow_tf32):
+        seen.append(allow_tf32)
+        return real(device, allow_tf32)
+
+    monkeypatch.setattr(backends, "cuda_fp32_precision", spy)
+    pointwise_conv(torch.randn(1, 4, 3, 3), torch.randn(2, 4), precision=precision, backend="torch")
+    spectral_mix(torch.randn(1, 2, 3, 2, dtype=torch.complex64), pack_weight(torch.randn(4, 4)), precision=precision,
+                 backend="torch")
+    assert seen == [allow_tf32, allow_tf32]

@@ -562,7 +562,7 @@ def test_cuda_precision_switches_are_restored(set_with, allow_tf32):
             return matmul.fp32_precision, conv.conv.fp32_precision
 
         before = state()
-        with optimize_module._cuda_precision(torch.device("cuda"), allow_tf32):
+        with optimize_module.backends.cuda_fp32_precision(torch.device("cuda"), allow_tf32):
             inside = state()
         assert state() == before
         if legacy:

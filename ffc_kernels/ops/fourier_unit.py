@@ -55,10 +55,10 @@ def fourier_unit(x, packed_weight, bias, *, fft_norm="ortho", precision=None, ba
     if backend is None and _csrc_can_run(x, packed_weight, bias):
         # csrc's whole FourierUnit against the transforms around the best mix: measured, as every op.
         n = x.shape[0] * h * (w // 2 + 1)
+        named = backends.check_precision(precision) or backends.matmul_precision()
         backend = backends.select(
-            x.device, has_cuda_impl=True, op="fourier_unit", trial=run,
-            shape=(backends.check_precision(precision) or backends.matmul_precision(), x.shape[1],
-                   packed_weight.shape[2], measured.size_class(n)))
+            x.device, has_cuda_impl=True, op="fourier_unit", trial=run, tolerance=measured.TOLERANCE[named],
+            shape=(named, x.shape[1], packed_weight.shape[2], measured.size_class(n)))
     return run(backend)
 
 

@@ -254,9 +254,10 @@ def pointwise_conv(x, weight, bias=None, *, addend=None, tiled=None, residual=No
             scratch = torch.empty_like(out)
             torch.ops.ffc_kernels.pointwise_conv_(x, weight, bias, addend, tiled, residual, relu, scratch,
                                                   precision, candidate)
+            return scratch
 
         backend = backends.select(
-            x.device, op="pointwise_conv", trial=trial,
+            x.device, op="pointwise_conv", trial=trial, tolerance=measured.TOLERANCE[precision],
             shape=(str(x.dtype).removeprefix("torch."), precision, ci, co, measured.size_class(b * h * w),
                    addend is not None, tiled is not None, residual is not None,
                    x.is_contiguous(memory_format=torch.channels_last)))
@@ -270,7 +271,10 @@ def _pointwise_conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        tiled: torch.Tensor | None, residual: torch.Tensor | None, relu: bool, out: torch.Tensor,
                        precision: str, backend: str) -> None:
     if backend == "torch" or not all(_plane_offsets_fit_int32(t) for t in (x, addend, tiled, residual, out)):
-        _pointwise_conv_torch(x, weight, bias, addend, tiled, residual, relu, out)
+        # cuDNN at the asked precision whatever torch's switch says: IEEE fp32 for fp32-class, TF32
+        # where TF32 or bf16 was asked for (fp32 data at bf16 precision asks for no more than TF32)
+        with backends.cuda_fp32_precision(x.device, allow_tf32=precision in ("tf32", "bf16", "bf16_emulated")):
+            _pointwise_conv_torch(x, weight, bias, addend, tiled, residual, relu, out)
     else:
         _pointwise_conv_triton(x, weight, bias, addend, tiled, residual, relu, out, precision)
 

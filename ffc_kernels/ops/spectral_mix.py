@@ -203,7 +203,8 @@ def spectral_mix(spec, packed_weight, bias=None, *, relu=True, weight_scale=1.0,
 
     ``packed_weight`` comes from ``pack_weight`` and ``bias`` from ``pack_bias``; ``precision``
     ("fp32", "tf32", "bf16") defaults to ``backends.matmul_precision()``; ``backend`` defaults to
-    ``backends.select``. The torch and CUDA-extension backends ignore ``precision``.
+    ``backends.select``. The torch backend multiplies fp32 in IEEE fp32 for "fp32" and in TF32
+    otherwise (on CUDA, whatever torch's switches say); the CUDA extension's mix is IEEE fp32.
     """
     check_tensor("spec", spec, dtypes=(torch.complex64,), ndim=4)
     check_tensor("packed_weight", packed_weight, dtypes=(torch.float32,), ndim=4, device=spec.device)
@@ -224,7 +225,7 @@ def spectral_mix(spec, packed_weight, bias=None, *, relu=True, weight_scale=1.0,
                                                   float(bias_scale), precision, backend)
 
     backend = backend or backends.select(
-        spec.device, has_cuda_impl=True, op="spectral_mix", trial=run,
+        spec.device, has_cuda_impl=True, op="spectral_mix", trial=run, tolerance=measured.TOLERANCE[precision],
         shape=(precision, ci, co, measured.size_class(b * h * wf), spec.stride(1) == h * wf))
     return run(backend)
 
@@ -234,7 +235,9 @@ def spectral_mix(spec, packed_weight, bias=None, *, relu=True, weight_scale=1.0,
 def _spectral_mix_op(spec: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, relu: bool,
                      weight_scale: float, bias_scale: float, precision: str, backend: str) -> torch.Tensor:
     if backend == "torch":
-        return _spectral_mix_torch(spec, packed_weight, bias, relu, weight_scale, bias_scale)
+        # cuBLAS at the asked precision whatever torch's switch says (bf16 asks for no more than TF32)
+        with backends.cuda_fp32_precision(spec.device, allow_tf32=precision in ("tf32", "bf16", "bf16_emulated")):
+            return _spectral_mix_torch(spec, packed_weight, bias, relu, weight_scale, bias_scale)
     if backend == "cuda":
         from ffc_kernels import _ext
 
