@@ -228,8 +228,8 @@ def run_benches(log: Log, clock: Clock, args, results_path: Path, device: str) -
 
 def end_to_end(log: Log, clock: Clock, args) -> None:
     """What users run: the sweep (`lama-fast bench`: 1024² to 4096², no compile), peak memory one
-    pass and tiled (bench_memory.py), the per-step/per-kernel profile at 2048², and folder throughput
-    (bench_folder.py); each within
+    pass and tiled (bench_memory.py), the per-step/per-kernel profile at 2048², Nsight Compute's
+    sections for the Triton kernels (ncu_ops.py), and folder throughput (bench_folder.py); each within
     its cap and skipped when the budget is short."""
     stages = [
         ("sweep", [sys.executable, "-m", "lama_fast", "bench", "--device", "cuda", "--no-compile",
@@ -237,6 +237,7 @@ def end_to_end(log: Log, clock: Clock, args) -> None:
         ("memory", [sys.executable, str(HERE / "bench_memory.py"), "--device", "cuda", "--out", args.out,
                     "--points", "2048:bf16", "4096:bf16", "4096:tf32", "8192:bf16:1024"], 120),
         ("profile", [sys.executable, str(HERE / "profile_gpu.py"), "--size", "2048", "--out", args.out], 150),
+        ("ncu", [sys.executable, str(HERE / "ncu_ops.py"), "--out", args.out], 120),
         ("folder", [sys.executable, str(HERE / "bench_folder.py"), "--device", "cuda", "--precision", "bf16",
                     "--sizes", "512", "1024", "2048", "--count", "32", "--batches", "1", "4", "8", "--out", args.out],
          120),
@@ -272,8 +273,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile pass")
     parser.add_argument("--sweep-sizes", type=int, nargs="+", default=[1024, 2048, 4096],
                         help="sizes of the end-to-end sweep (lama-fast bench)")
-    parser.add_argument("--skip-end-to-end", nargs="*", default=[], choices=["sweep", "memory", "profile", "folder"],
-                        help="leave out these end-to-end stages")
+    parser.add_argument("--skip-end-to-end", nargs="*", default=[],
+                        choices=["sweep", "memory", "profile", "ncu", "folder"], help="leave out these end-to-end stages")
     parser.add_argument("--end-to-end-s", type=float, default=240,
                         help="seconds the per-op benchmarks leave for the end-to-end stages")
     parser.add_argument("--bench-s", type=float, default=200,

@@ -74,3 +74,29 @@ def test_generator_summary_ignores_other_benchmarks_rows():
     text = module.summary(rows, {"r": 2.0})
     assert "512² fp32: optimized 2000 ms, 1.50x" in text
     assert text.count("optimized") == 1
+
+
+def test_load_reads_only_the_per_op_results(report, tmp_path):
+    """The folder, memory, refine and sweep runs write results files of their own schemas (with
+    ``rows`` too) beside the per-op ones: the tables read only schema 1."""
+    per_op = {"schema": 1, "environment": {"device_slug": "gpu"}, "rows": [], "commands": []}
+    (tmp_path / "gpu_20261128_abc.json").write_text(json.dumps(per_op))
+    (tmp_path / "folder_gpu_20261128_abc.json").write_text(json.dumps({"schema": "folder-1", "rows": [{"size": 512}]}))
+    assert [f["path"].name for f in report.load([tmp_path])] == ["gpu_20261128_abc.json"]
+
+
+def test_ncu_script_runs_each_op_with_the_generators_operands(monkeypatch):
+    """benchmarks/ncu_ops.py's child (what Nsight Compute records on a GPU) calls every op with
+    arguments the ops accept: run here on small CPU tensors through Triton's interpreter."""
+    monkeypatch.setenv("FFC_KERNELS_BACKEND", "triton")
+    spec = importlib.util.spec_from_file_location("bench_ncu_ops", ROOT / "benchmarks" / "ncu_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "CALLS", 1)
+    from ffc_kernels.ops import reflect_pad_cat
+
+    calls = []
+    real = reflect_pad_cat.reflect_pad_cat_triton
+    monkeypatch.setattr(reflect_pad_cat, "reflect_pad_cat_triton", lambda t, p: calls.append(p) or real(t, p))
+    module.child(["bf16", "tf32"], device="cpu", size=4)
+    assert calls == [1, 1]
