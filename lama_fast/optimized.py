@@ -132,7 +132,7 @@ def _conv_at_precision(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        padding: list[int], dilation: list[int], transposed: bool, output_padding: list[int],
                        allow_tf32: bool) -> torch.Tensor:
     """A CUDA convolution at the plan's fp32 precision whatever torch's switches say: under
-    ``torch.compile`` the forward is traced and ``_cuda_precision`` does not run, so the
+    ``torch.compile`` the forward is traced and ``cuda_fp32_precision`` does not run, so the
     convolutions that depend on it are this op, which sets the switches around itself."""
     with cuda_fp32_precision(x.device, allow_tf32):
         return _conv_fake(x, weight, bias, stride, padding, dilation, transposed, output_padding, allow_tf32)

@@ -78,3 +78,25 @@ def test_backend_info_on_cuda():
     info = backend_info("cuda")
     assert info.selected in ("cuda", "triton")
     assert "triton" in str(info)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_triton_ops_launch_on_their_tensors_gpu(monkeypatch):
+    """Triton launches on the current device: the ops must switch to their tensors' (cuda:1 here,
+    with cuda:0 current), as a split refinement's second half needs."""
+    from ffc_kernels.ops import dense
+    from ffc_kernels.ops.pointwise_conv import pointwise_conv
+    from ffc_kernels.ops.spectral_mix import pack_weight, spectral_mix
+
+    backend_env(monkeypatch, "triton")
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda:1")
+    x = torch.randn(1, 8, 16, 16, device=dev).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 8, device=dev)
+    torch.testing.assert_close(pointwise_conv(x, w, precision="fp32"), torch.einsum("oc,nchw->nohw", w, x),
+                               rtol=1e-4, atol=1e-4)
+    spec = torch.fft.rfft2(torch.randn(1, 3, 8, 8, device=dev))
+    weight = torch.randn(6, 6, device=dev)
+    out = spectral_mix(spec, pack_weight(weight), precision="fp32")
+    assert out.device == dev
+    assert torch.equal(dense.reflect_pad_cat((x,), 1), torch.nn.functional.pad(x, (1,) * 4, mode="reflect"))

@@ -275,6 +275,32 @@ def test_disagreement():
     assert measured.disagreement(z, z.real) == float("inf")
     assert measured.disagreement(z * (1 + 1e-3j), z) == pytest.approx(1e-3, rel=1e-3)
     assert measured.disagreement(torch.zeros(3), torch.zeros(3)) == 0
+    nan, inf = float("nan"), float("inf")
+    assert measured.disagreement(torch.tensor([1.0, nan]), torch.tensor([1.0, inf])) == inf  # NaN is not inf
+    assert measured.disagreement(torch.tensor([1.0, -inf]), torch.tensor([1.0, inf])) == inf
+    assert measured.disagreement(torch.tensor([1.0, inf]), torch.tensor([1.0, inf])) == 0
+    assert measured.disagreement(torch.tensor([inf, 2.0]), torch.tensor([1.0, 2.0])) == inf
+
+
+def test_the_stored_file_stays_strict_json(cache):
+    """A backend whose output has the wrong shape is rejected as null, not Infinity (which strict
+    JSON readers refuse)."""
+    outputs = {"triton": torch.zeros(2), "torch": torch.zeros(3)}
+    calls = []
+
+    def trial(backend):
+        calls.append(backend)
+        return outputs[backend]
+
+    with pytest.warns(RuntimeWarning, match="triton backend"):
+        assert measured.choose("op", torch.device("cpu"), (5,), ["triton", "torch"], trial,
+                               fake_timer({"torch": 1.0}, calls), tolerance=1e-4) == "torch"
+
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    (entry,) = json.loads((cache / measured.FILE_NAME).read_text(), parse_constant=strict).values()
+    assert entry["rejected"] == {"triton": None}
 
 
 @pytest.mark.parametrize("precision,allow_tf32", [("fp32", False), ("tf32", True), ("bf16", True)])

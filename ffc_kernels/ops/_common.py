@@ -1,6 +1,8 @@
 """Checks and helpers shared by the op launchers."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ffc_kernels.backends import check_precision, matmul_precision, triton_interpret
@@ -17,6 +19,12 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, ndim=None, device=N
         raise ValueError(f"{name} must be {expected}, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on {device} (like the input), got {t.device}")
+
+
+def on_device(t: torch.Tensor):
+    """The context a Triton launch on ``t`` needs: Triton launches on the current CUDA device, which
+    need not be ``t``'s (the second GPU of a split refinement, a model moved to cuda:1)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ffc_kernels import backends, measured
-from ffc_kernels.ops._common import check_shape, check_tensor, triton_dot_precision
+from ffc_kernels.ops._common import check_shape, check_tensor, on_device, triton_dot_precision
 
 try:
     import triton
@@ -195,16 +195,17 @@ def _pointwise_conv_triton(x, weight, bias, addend, tiled, residual, relu, out, 
     a = addend if addend is not None else x
     t = tiled if tiled is not None else x
     r = residual if residual is not None else out
-    _pointwise_conv_kernel[grid](
-        x, a, t, weight, bias if bias is not None else weight, r, out,
-        ci, co, w, p, t.shape[2], t.shape[3],
-        *x.stride(), *a.stride(), *t.stride(), *r.stride(), *out.stride(),
-        HAS_ADDEND=addend is not None, HAS_TILED=tiled is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, RELU=relu, PRECISION=precision,
-        FLAT_PLANES=all(t.stride(2) == w * t.stride(3) for t in (x, a, r, out)),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    flat = all(t.stride(2) == w * t.stride(3) for t in (x, a, r, out))
+    with on_device(x):
+        _pointwise_conv_kernel[grid](
+            x, a, t, weight, bias if bias is not None else weight, r, out,
+            ci, co, w, p, t.shape[2], t.shape[3],
+            *x.stride(), *a.stride(), *t.stride(), *r.stride(), *out.stride(),
+            HAS_ADDEND=addend is not None, HAS_TILED=tiled is not None, HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None, RELU=relu, PRECISION=precision, FLAT_PLANES=flat,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ffc_kernels.ops._common import triton_interpret
+from ffc_kernels.ops._common import on_device, triton_interpret
 
 try:
     import triton
@@ -53,7 +53,7 @@ if triton is not None:
     def _reflect_pad_kernel(x_ptr, out_ptr, pixels, H, W, C, C_OUT, c_offset, PAD: tl.constexpr,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """out[n, c_offset + c, i, j] = x[n, c, reflect(i - PAD), reflect(j - PAD)], NHWC memory."""
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # past 2^31 padded pixels too
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         wp = W + 2 * PAD
         plane = (H + 2 * PAD) * wp
@@ -64,8 +64,8 @@ if triton is not None:
         i = tl.where(i >= H, 2 * H - 2 - i, i)
         j = tl.where(j < 0, -j, j)
         j = tl.where(j >= W, 2 * W - 2 - j, j)
-        src = ((n.to(tl.int64) * H + i) * W + j) * C
-        dst = p.to(tl.int64) * C_OUT + c_offset
+        src = ((n * H + i) * W + j) * C
+        dst = p * C_OUT + c_offset
         mask = (p < pixels)[:, None] & (c < C)[None, :]
         v = tl.load(x_ptr + src[:, None] + c[None, :], mask=mask)
         tl.store(out_ptr + dst[:, None] + c[None, :], v, mask=mask)
@@ -80,6 +80,9 @@ def _blocks(channels: int) -> tuple[int, int]:
 def reflect_pad_cat_triton(tensors, pad: int) -> torch.Tensor:
     """The kernel's result; ``triton_applies(tensors)`` must hold and 0 < pad < H, W."""
     n, _, h, w = tensors[0].shape
+    if not 0 < pad < min(h, w) or not triton_applies(tensors):
+        raise ValueError(f"reflect_pad_cat's kernel takes channels_last tensors of one dtype, batch and plane, "
+                         f"and 0 < pad < H, W; got pad {pad} for {[tuple(t.shape) for t in tensors]}")
     channels = sum(t.shape[1] for t in tensors)
     out = torch.empty(n, channels, h + 2 * pad, w + 2 * pad, dtype=tensors[0].dtype, device=tensors[0].device,
                       memory_format=torch.channels_last)
@@ -90,8 +93,9 @@ def reflect_pad_cat_triton(tensors, pad: int) -> torch.Tensor:
         if c:
             block_p, block_c = _blocks(c)
             grid = (triton.cdiv(pixels, block_p), triton.cdiv(c, block_c))
-            _reflect_pad_kernel[grid](t, out, pixels, h, w, c, channels, start, PAD=pad, BLOCK_P=block_p,
-                                      BLOCK_C=block_c)
+            with on_device(t):
+                _reflect_pad_kernel[grid](t, out, pixels, h, w, c, channels, start, PAD=pad, BLOCK_P=block_p,
+                                          BLOCK_C=block_c)
         start += c
     return out
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from ffc_kernels import backends, measured
-from ffc_kernels.ops._common import check_shape, check_tensor, triton_dot_precision
+from ffc_kernels.ops._common import check_shape, check_tensor, on_device, triton_dot_precision
 
 try:
     import triton
@@ -185,15 +185,16 @@ def _spectral_mix_triton(spec, packed_weight, bias, relu, weight_scale, bias_sca
     y = torch.view_as_real(out)
     block_m, block_n, block_k, num_warps, num_stages = _pick_config(co, precision)
     grid = (triton.cdiv(co, block_m) * triton.cdiv(n, block_n), b)
-    _spectral_mix_kernel[grid](
-        x, packed_weight, bias if bias is not None else packed_weight, y,
-        ci, co, n,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        float(weight_scale), float(bias_scale),
-        HAS_BIAS=bias is not None, RELU=relu, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    with on_device(spec):
+        _spectral_mix_kernel[grid](
+            x, packed_weight, bias if bias is not None else packed_weight, y,
+            ci, co, n,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            float(weight_scale), float(bias_scale),
+            HAS_BIAS=bias is not None, RELU=relu, PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return out
 
 
