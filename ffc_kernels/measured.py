@@ -5,8 +5,9 @@ run it, and the fastest is kept, in memory and on disk.
 every process on a machine, and every torchrun rank, take the same choice without timing again:
 the first process to need a choice takes a lock on the file, times, writes it, and the others,
 waiting on that lock, read it. A choice is keyed by the GPU's name, the versions of torch, Triton
-and the CUDA extension, the op, and the op's shape class (what changes the answer: dtype,
-precision, channel counts, the spectral or spatial size rounded to a power of two).
+and the CUDA extension, the rules it was made by (``RULES``), the op, and the op's shape class
+(what changes the answer: dtype, precision, channel counts, the spectral or spatial size rounded
+to a power of two).
 
 The file is ``backend-choices.json`` in ``$FFC_KERNELS_CACHE`` (default
 ``$XDG_CACHE_HOME/ffc-kernels``, else ``~/.cache/ffc-kernels``); delete it to time again.
@@ -35,6 +36,9 @@ import torch
 
 FILE_NAME = "backend-choices.json"
 RUNS = 5  # timed runs per backend, after one warm-up; the median decides
+# How choices are made; part of every key, so that choices made under older rules (2: agreement with
+# torch checked first) are made again rather than trusted.
+RULES = 2
 
 # Largest relative L2 difference from the torch backend's output that a candidate may show, by
 # the flavour of its dots (``ops._common.triton_dot_precision``'s names; "fp32" for ops that take
@@ -78,7 +82,8 @@ def _prefix(device: torch.device) -> str:
         triton_version = "none"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     ext = _ext.build_id() if _ext.available() else "none"
-    return "|".join([name, f"torch {torch.__version__}", f"triton {triton_version}", f"ext {ext}"]) + "|"
+    return "|".join([name, f"torch {torch.__version__}", f"triton {triton_version}", f"ext {ext}",
+                     f"rules {RULES}"]) + "|"
 
 
 def key(op: str, device: torch.device, shape: tuple) -> str:
