@@ -21,6 +21,13 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, ndim=None, device=N
         raise ValueError(f"{name} must be on {device} (like the input), got {t.device}")
 
 
+def torch_allows_tf32(flavour: str) -> bool:
+    """Whether an op's torch path may multiply fp32 data in TF32 at a ``triton_dot_precision``
+    flavour: where TF32 or bf16 was asked for (bf16 asks for no more than TF32), never for
+    fp32-class. The ops set cuDNN's and cuBLAS's switches from it, whatever the process's are."""
+    return flavour in ("tf32", "bf16", "bf16_emulated")
+
+
 def on_device(t: torch.Tensor):
     """The context a Triton launch on ``t`` needs: Triton launches on the current CUDA device, which
     need not be ``t``'s (the second GPU of a split refinement, a model moved to cuda:1)."""

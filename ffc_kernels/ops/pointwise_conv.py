@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ffc_kernels import backends, measured
-from ffc_kernels.ops._common import check_shape, check_tensor, on_device, triton_dot_precision
+from ffc_kernels.ops._common import (check_shape, check_tensor, on_device, torch_allows_tf32,
+                                     triton_dot_precision)
 
 try:
     import triton
@@ -272,9 +273,7 @@ def _pointwise_conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        tiled: torch.Tensor | None, residual: torch.Tensor | None, relu: bool, out: torch.Tensor,
                        precision: str, backend: str) -> None:
     if backend == "torch" or not all(_plane_offsets_fit_int32(t) for t in (x, addend, tiled, residual, out)):
-        # cuDNN at the asked precision whatever torch's switch says: IEEE fp32 for fp32-class, TF32
-        # where TF32 or bf16 was asked for (fp32 data at bf16 precision asks for no more than TF32)
-        with backends.cuda_fp32_precision(x.device, allow_tf32=precision in ("tf32", "bf16", "bf16_emulated")):
+        with backends.cuda_fp32_precision(x.device, allow_tf32=torch_allows_tf32(precision)):
             _pointwise_conv_torch(x, weight, bias, addend, tiled, residual, relu, out)
     else:
         _pointwise_conv_triton(x, weight, bias, addend, tiled, residual, relu, out, precision)

@@ -42,7 +42,8 @@ from __future__ import annotations
 import torch
 
 from ffc_kernels import backends, measured
-from ffc_kernels.ops._common import check_shape, check_tensor, on_device, triton_dot_precision
+from ffc_kernels.ops._common import (check_shape, check_tensor, on_device, torch_allows_tf32,
+                                     triton_dot_precision)
 
 try:
     import triton
@@ -236,8 +237,7 @@ def spectral_mix(spec, packed_weight, bias=None, *, relu=True, weight_scale=1.0,
 def _spectral_mix_op(spec: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, relu: bool,
                      weight_scale: float, bias_scale: float, precision: str, backend: str) -> torch.Tensor:
     if backend == "torch":
-        # cuBLAS at the asked precision whatever torch's switch says (bf16 asks for no more than TF32)
-        with backends.cuda_fp32_precision(spec.device, allow_tf32=precision in ("tf32", "bf16", "bf16_emulated")):
+        with backends.cuda_fp32_precision(spec.device, allow_tf32=torch_allows_tf32(precision)):
             return _spectral_mix_torch(spec, packed_weight, bias, relu, weight_scale, bias_scale)
     if backend == "cuda":
         from ffc_kernels import _ext
