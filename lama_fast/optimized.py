@@ -51,7 +51,9 @@ cuDNN's TF32 switch around itself, so the compiled module keeps its precision to
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import math
 from collections import OrderedDict
 
@@ -74,7 +76,7 @@ from ffc_kernels.ops.spectral_transform import (
     spectral_transform_nhwc,
     spectral_transform_nhwc_backward,
 )
-from ffc_kernels.ops.winograd import winograd_conv2d, winograd_conv2d_input_grad, winograd_weight
+from ffc_kernels.ops.winograd import winograd_conv2d, winograd_conv2d_input_grad, winograd_weight, workspace
 from lama_fast import tiling
 
 __all__ = ["optimize", "PRECISIONS", "generator_plan", "plan_info", "refold"]
@@ -199,6 +201,9 @@ class _Conv:
 
     def __call__(self, x, add=None, relu=None, padded=None):
         relu = self.relu if relu is None else relu
+        if (add is None and padded is None and torch.is_grad_enabled() and x.requires_grad
+                and not torch.compiler.is_compiling()):
+            return _FrozenConv.apply(x, self, relu)
         if self.cuda_tf32 is not None and torch.compiler.is_compiling():
             if padded is not None:
                 x = padded
@@ -216,6 +221,44 @@ class _Conv:
             return dense.reflect_conv2d(x, self.weight, self.bias, self.reflect, self.stride, self.dilation,
                                         relu=relu, add=add, padded=padded, s2d=self.s2d)
         return dense.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, relu=relu, add=add)
+
+
+class _FrozenConv(torch.autograd.Function):
+    """A plan's convolution (reflection pad, bias, ReLU) on an input that needs its gradient, the
+    weights constant (LaMa's refinement backpropagates through the decoder to the features).
+    The forward is the no-grad one (border recomputation instead of a pad, the space-to-depth
+    form of the last layer); the backward is the convolution's adjoint (the transposed
+    convolution, or for a transposed one the convolution), then the pad's adjoint, all
+    channels_last. It keeps the output when it ends in a ReLU (the ReLU's backward reads it in one
+    pass, where a bool mask costs a conversion), else nothing."""
+
+    @staticmethod
+    def forward(ctx, x, conv, relu):
+        y = conv(x, relu=relu)
+        ctx.conv, ctx.shape = conv, x.shape
+        ctx.save_for_backward(y if relu else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        conv, (n, ci, h, w) = ctx.conv, ctx.shape
+        if y is not None:  # the gradient may be a view (of the next layer's padded gradient)
+            grad = torch.ops.aten.threshold_backward(grad, y, 0)
+        grad = grad.contiguous(memory_format=_CL)
+        if conv.transposed:  # the input gradient of a transposed convolution is the convolution
+            return F.conv2d(grad, conv.weight, None, conv.stride, conv.padding, conv.dilation), None, None
+        pad = conv.reflect
+        (kh, kw), (dh, dw), (ph, pw) = conv.weight.shape[-2:], conv.dilation, conv.padding
+        if tuple(conv.stride) == (1, 1) and ph <= dh * (kh - 1) and pw <= dw * (kw - 1):
+            # Stride 1: the adjoint is the convolution by the flipped, transposed kernel, which
+            # oneDNN runs as a forward convolution (3.5x its backward-data for LaMa's last layer).
+            flipped = conv.weight.flip(2, 3).transpose(0, 1).contiguous(memory_format=_CL)
+            g_in = dense.conv2d(grad, flipped, None, (1, 1), (dh * (kh - 1) - ph, dw * (kw - 1) - pw), conv.dilation)
+        else:
+            g_in = torch.nn.grad.conv2d_input((n, ci, h + 2 * pad, w + 2 * pad), conv.weight, grad, conv.stride,
+                                              conv.padding, conv.dilation)
+        return (dense.reflect_pad_adjoint(g_in, pad, overwrite=True) if pad else g_in), None, None
 
 
 @dataclasses.dataclass
@@ -325,7 +368,7 @@ class _SpectralFFC:
             d_pad = torch.nn.grad.conv2d_input(padded, w_local, g_l, local.stride, local.padding, local.dilation)
             d_pad[:, :cl] += torch.nn.grad.conv2d_input((padded[0], cl, *padded[2:]), l2g.weight, g_g, l2g.stride,
                                                         l2g.padding, l2g.dilation)
-        d_in = dense.reflect_pad_adjoint(d_pad, reflect) if reflect else d_pad
+        d_in = dense.reflect_pad_adjoint(d_pad, reflect, overwrite=True) if reflect else d_pad
         if masks is not None:
             w1, _, w_fu, _, w2 = self._gemm_operands(h, w)
             d_g = spectral_transform_nhwc_backward(g_g, masks, w1, w_fu, w2, width=w)
@@ -438,8 +481,7 @@ class _Plan:
         state = (x.to(self.precision.dtype), None)
         if tile_size:
             return self._run_tiled(state[0], tile_size)
-        for step in self.steps:
-            state = step(state, self)
+        state = self._steps(self.steps, state)
         y = state[0]
         out = torch.empty(y.shape, dtype=torch.float32, device=y.device)  # NCHW, written by the last op
         return self._activation(y, out)
@@ -453,8 +495,15 @@ class _Plan:
         """``steps[start:stop]`` on a (local, global) state in the plan's dtype (channels_last; global
         None where there is none). Differentiable with respect to the state when it requires grad."""
         with cuda_fp32_precision(self.device, self.precision.allow_tf32):
-            for step in self.steps[start:stop]:
-                state = step(state, self)
+            return self._steps(self.steps[start:stop], state)
+
+    def _steps(self, steps, state):
+        """``steps`` on ``state``. The residual blocks share one Winograd workspace
+        (``ops.winograd.workspace``), freed when they are done: it is not held through the decoder."""
+        for blocks, group in itertools.groupby(steps, key=lambda step: isinstance(step, _ResidualBlock)):
+            with workspace() if blocks else contextlib.nullcontext():
+                for step in group:
+                    state = step(state, self)
         return state
 
     def output(self, state):
@@ -508,8 +557,7 @@ class _Plan:
                 state = (state[1], None)
         else:
             middle = head + middle
-        for step in middle:
-            state = step(state, self)
+        state = self._steps(middle, state)
         y = state[0] if state[1] is None else torch.cat(state, dim=1)
         tail_layers = [s.tile_layer() for s in tail]
         if not tail or not all(tail_layers) or any(tiling.check(tail_layers, n) for n in y.shape[-2:]):

@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tqdm
 
+from ffc_kernels.ops.winograd import workspace
 from lama_fast.optimized import _ResidualBlock, generator_plan, optimize, refold
 from lama_fast.pipeline import _image_to_array, _mask_to_array, _placement
 
@@ -69,12 +70,12 @@ def _gaussian_kernel5(device, dtype) -> torch.Tensor:
 
 def gaussian_blur5(x: torch.Tensor) -> torch.Tensor:
     """Gaussian blur, 5x5, sigma 1, reflected border (torch's ``reflect``), of N x C x H x W."""
-    n, c, h, w = x.shape
-    k = _gaussian_kernel5(x.device, x.dtype)
-    y = F.pad(x.reshape(n * c, 1, h, w), (2, 2, 2, 2), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, 5))
-    y = F.conv2d(y, k.view(1, 1, 5, 1))
-    return y.reshape(n, c, h, w)
+    k = _gaussian_kernel5(torch.device("cpu"), torch.float64).tolist()
+    h, w = x.shape[-2:]
+    # Separable, as weighted sums of shifted views: a one-channel convolution would unfold 5 copies of x.
+    y = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    y = sum(k[i] * y[:, :, :, i:i + w] for i in range(5))
+    return sum(k[i] * y[:, :, i:i + h] for i in range(5))
 
 
 def _halve(x: torch.Tensor, size=None) -> torch.Tensor:
@@ -335,16 +336,18 @@ def _refine(image, mask, generator, *, n_iters=15, lr=0.002, min_side=512, max_s
     bar = tqdm.tqdm(total=total, disable=not progress, leave=False, unit="it", dynamic_ncols=True)
     result = None
     try:
-        for index, (im, msk) in enumerate(zip(images, masks)):
-            size = tuple(im.shape[-2:])
-            info["sizes"].append(size)
-            bar.set_description(f"refine scale {index + 1}/{len(images)} ({size[0]}x{size[1]})")
-            im = _pad_reflect(im, pad_modulo)
-            msk = (_pad_reflect(msk, pad_modulo) >= _EPS).float()
-            result, losses = _infer(im, msk, stages, result, size, kernel, n_iters, lr, bar)
-            result = result[:, :, :size[0], :size[1]]
-            if losses:
-                info["losses"].append(losses)
+        # Winograd's temporaries (CPU fp32) are reused by every iteration, backward passes included
+        with workspace():
+            for index, (im, msk) in enumerate(zip(images, masks)):
+                size = tuple(im.shape[-2:])
+                info["sizes"].append(size)
+                bar.set_description(f"refine scale {index + 1}/{len(images)} ({size[0]}x{size[1]})")
+                im = _pad_reflect(im, pad_modulo)
+                msk = (_pad_reflect(msk, pad_modulo) >= _EPS).float()
+                result, losses = _infer(im, msk, stages, result, size, kernel, n_iters, lr, bar)
+                result = result[:, :, :size[0], :size[1]]
+                if losses:
+                    info["losses"].append(losses)
     finally:
         bar.close()
     out = result

@@ -123,6 +123,10 @@ def test_reflect_pad_adjoint_is_the_pads_gradient(pad, size):
     got = dense.reflect_pad_adjoint(grad.contiguous(memory_format=torch.channels_last), pad)
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, x.grad, rtol=0, atol=1e-12)
+    spent = grad.clone()  # overwrite: the same sums, in the padded gradient's own interior
+    in_place = dense.reflect_pad_adjoint(spent, pad, overwrite=True)
+    assert in_place.data_ptr() == spent[:, :, pad:, pad:].data_ptr()
+    torch.testing.assert_close(in_place, x.grad, rtol=0, atol=1e-12)
 
 
 def test_reflect_conv2d_under_autograd_pads_once(monkeypatch):

@@ -402,6 +402,49 @@ def test_one_residual_block_input_gradient_matches_reference(generator, size):
         assert err <= 10 * err_plain + 1e-6 * e.abs().max().item(), (err, err_plain)
 
 
+@pytest.mark.parametrize("kind", ["reflect7", "reflect3_relu", "transposed_relu", "zeros3"])
+def test_frozen_convolution_backward_matches_autograd(kind):
+    """A plan's convolution on an input needing its gradient (``_FrozenConv``): the fast forward
+    (border recomputation, the space-to-depth form of a 7x7 with 3 outputs, at a size above
+    dense.FIXUP_MIN_PIXELS) and its adjoint, against autograd of the plain pad and convolution in fp64."""
+    from ffc_kernels.ops import dense
+    from lama_fast.optimized import _Conv
+
+    g = torch.Generator().manual_seed(8)
+    ci, size = 6, 136
+    spec = {"reflect7": (3, 7, 3, False, False), "reflect3_relu": (5, 3, 1, True, False),
+            "transposed_relu": (4, 3, 0, True, True), "zeros3": (5, 3, 0, False, False)}[kind]
+    co, k, reflect, relu, transposed = spec
+    weight = torch.randn(*((ci, co) if transposed else (co, ci)), k, k, generator=g, dtype=torch.float64) / k
+    bias = torch.randn(co, generator=g, dtype=torch.float64)
+    conv = _Conv(weight.float().contiguous(memory_format=torch.channels_last), bias.float(), reflect=reflect, relu=relu,
+                 transposed=transposed, stride=(2, 2) if transposed else (1, 1),
+                 padding=(1, 1) if transposed or kind == "zeros3" else (0, 0),
+                 output_padding=(1, 1) if transposed else (0, 0),
+                 s2d=dense.space_to_depth_weight(weight.float(), bias.float()) if kind == "reflect7" else None)
+    x = torch.randn(1, ci, size, size, generator=g, dtype=torch.float64)
+
+    def exact(t):
+        if transposed:
+            y = F.conv_transpose2d(t, weight, bias, 2, 1, 1)
+        else:
+            y = F.conv2d(F.pad(t, (reflect,) * 4, mode="reflect") if reflect else t, weight, bias,
+                         padding=conv.padding)
+        return y.relu() if relu else y
+
+    x64 = x.clone().requires_grad_()
+    y64 = exact(x64)
+    ramp = torch.linspace(-1, 1, y64.numel(), dtype=torch.float64).view(y64.shape)
+    (y64 * ramp).sum().backward()
+    x32 = x.float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    y32 = conv(x32)
+    assert y32.grad_fn is not None and type(y32.grad_fn).__name__ == "_FrozenConvBackward"
+    (y32 * ramp.float()).sum().backward()
+    torch.testing.assert_close(y32.double(), y64.detach(), rtol=1e-4, atol=1e-4)
+    scale = x64.grad.abs().max().item()
+    assert scale > 0 and (x32.grad.double() - x64.grad).abs().max().item() <= 1e-5 * scale * k
+
+
 def test_plan_backward_bf16_is_close(generator):
     if bf16_unsupported(torch.device("cpu")):
         pytest.skip("this CPU has no bf16")

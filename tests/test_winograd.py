@@ -58,3 +58,39 @@ def test_input_grad_is_the_convolutions_adjoint(shape):
         [(winograd_weight(w_prefix), 3), (winograd_weight(w_all), c)], (h, w))
     assert got.shape == x.shape and got.dtype == torch.float32
     assert (got.double() - x.grad).abs().max() <= 2e-6 * x.grad.abs().max() * c ** 0.5
+
+
+def test_workspace_reuses_buffers_without_aliasing_outputs():
+    """Inside ``workspace()`` the temporaries live in per-thread buffers reused by every call
+    (grown for a larger shape): results equal those of calls outside it, an earlier call's
+    outputs are not overwritten by later calls, and the buffers are freed when the scope ends."""
+    from ffc_kernels.ops import winograd
+    from ffc_kernels.ops.winograd import winograd_conv2d_input_grad, workspace
+
+    g = torch.Generator().manual_seed(11)
+    cases = []
+    for n, c, h, w in ((1, 12, 8, 8), (2, 16, 13, 10), (1, 12, 8, 8)):  # small, larger, small again
+        padded = torch.randn(n, c, h + 2, w + 2, generator=g).contiguous(memory_format=CL)
+        convs = [(winograd_weight(torch.randn(6, c, 3, 3, generator=g)), c, torch.randn(6, generator=g)),
+                 (winograd_weight(torch.randn(5, c // 2, 3, 3, generator=g)), c // 2, None)]
+        grads = [torch.randn(n, 6, h, w, generator=g).contiguous(memory_format=CL),
+                 torch.randn(n, 5, h, w, generator=g)]
+        cases.append((padded, convs, grads, (h, w)))
+
+    def run(case):
+        padded, convs, grads, size = case
+        return (*winograd_conv2d(padded, convs, relu=[True, False]),
+                winograd_conv2d_input_grad(grads, [(u, ci) for u, ci, _ in convs], size))
+
+    plain = [run(case) for case in cases]
+    with workspace():
+        with workspace():  # nested scopes share the outer one's buffers
+            scoped = [run(case) for case in cases]
+        assert winograd._local.buffers  # still held by the outer scope
+        kept = [[t.clone() for t in outs] for outs in scoped]
+        run(cases[1])
+    assert winograd._local.buffers == {}
+    for outs, reference_outs, copies in zip(scoped, plain, kept):
+        for out, ref, copy in zip(outs, reference_outs, copies):
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+            assert torch.equal(out, copy)  # not overwritten by the later calls

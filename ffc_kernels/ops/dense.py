@@ -103,14 +103,18 @@ def reflect_pad_cat(tensors, pad: int):
     return out
 
 
-def reflect_pad_adjoint(grad, pad: int):
+def reflect_pad_adjoint(grad, pad: int, *, overwrite: bool = False):
     """The gradient of x from that of reflection_pad(x, pad): the interior, plus each padded row
     and column added onto the one it mirrors (the corners onto both mirrors). One copy of the
     interior (channels_last) and thin strips, where torch's reflection_pad2d_backward zeroes,
-    scatters and copies the whole plane."""
+    scatters and copies the whole plane. ``overwrite``: no copy; the strips are added into
+    ``grad``'s own interior, returned as a view (``grad`` is the caller's to spend)."""
     hp, wp = grad.shape[-2:]
     h, w = hp - 2 * pad, wp - 2 * pad
-    out = grad[:, :, pad:pad + h, pad:pad + w].clone(memory_format=torch.channels_last)
+    out = grad[:, :, pad:pad + h, pad:pad + w]
+    if not overwrite:
+        out = out.clone(memory_format=torch.channels_last)
+    # In place, exact all the same: every strip read lies in the padding, which nothing writes.
 
     def mirrors(n):  # (padded index, the index it mirrors) along an axis of n pixels
         return [(pad - 1 - i, 1 + i) for i in range(pad)] + [(pad + n + i, n - 2 - i) for i in range(pad)]

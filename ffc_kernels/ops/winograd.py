@@ -17,6 +17,13 @@ Steps, per call:
     Y = A^T M A: one matmul, scattered into the output's 4x4 tiles; bias and ReLU after.
 Sizes that are not multiples of 4 compute on a zero-extended input and are cropped.
 
+Workspace. The transforms' temporaries are large (the tiles of a 96x96, 512-channel input are
+42 MB) and, allocated fresh, each is mapped and zeroed page by page on first touch, in the kernel:
+in LaMa's refinement at 768² on two CPU cores that was about a quarter of the residual blocks'
+forward and backward (9.3 s an iteration, 6.9 s with the workspace). Inside ``with workspace():``
+they live in per-thread buffers kept for the scope and reused by every call in it; outside one
+they are allocated per call. Outputs are always fresh tensors.
+
 Accuracy. The transforms' coefficients (up to 5 and 1/24) cost a few bits: on LaMa's shapes the
 result differs from the exact one by about 10x the error of direct fp32 convolution (relative
 1e-5), which end to end stays within big-lama's fp32 tolerance (1e-4 on the output; measured
@@ -30,10 +37,13 @@ tiles, write 2.25 CP) and the output transform (2.25 Co P read, Co P written).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["winograd_weight", "winograd_conv2d", "TILE"]
+__all__ = ["winograd_weight", "winograd_conv2d", "winograd_conv2d_input_grad", "workspace", "TILE"]
 
 TILE = 4  # output tile side: F(4x4, 3x3)
 _A = TILE + 2  # input tile side
@@ -46,6 +56,37 @@ _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24,
 _AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
 
 _transforms: dict = {}
+_local = threading.local()  # depth: nested workspace() scopes; buffers: slot -> flat tensor
+
+
+@contextlib.contextmanager
+def workspace():
+    """Within it, the calls made by this thread reuse their temporaries' buffers (freed on exit)."""
+    if getattr(_local, "depth", 0) == 0:
+        _local.buffers = {}
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+        if _local.depth == 0:
+            _local.buffers = {}
+
+
+def _buffer(slot: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised fp32 tensor of ``shape``: a view of ``slot``'s buffer inside ``workspace()``,
+    grown as needed, else a fresh one. A slot's previous contents are dead when it is asked again."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if getattr(_local, "depth", 0) == 0:
+        return torch.empty(shape, dtype=torch.float32, device=like.device)
+    key = (slot, like.device)
+    buf = _local.buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _local.buffers[key] = None  # drop the smaller one first
+        buf = _local.buffers[key] = torch.empty(numel, dtype=torch.float32, device=like.device)
+    return buf[:numel].view(shape)
 
 
 def _matrices(device):
@@ -82,18 +123,22 @@ def winograd_conv2d(padded: torch.Tensor, convs, *, relu=None) -> list[torch.Ten
         padded = padded.contiguous(memory_format=torch.channels_last)
     sn, sc, sh, sw = padded.stride()
     kin, kout = _matrices(padded.device)
-    # Tile-major: the gather and the input transform are one batched (36 x 36) @ (36 x C) product.
-    tiles = padded.as_strided((n, ty, tx, _A, _A, c), (sn, TILE * sh, TILE * sw, sh, sw, sc))
-    v = torch.matmul(kin, tiles.reshape(n * ty * tx, _A * _A, c)).transpose(0, 1)  # (36, T, C) view
+    t = n * ty * tx
+    # Tile-major: the gather is one copy, the input transform one batched (36 x 36) @ (36 x C) product.
+    tiles = _buffer("a", (t, _A * _A, c), padded)
+    tiles.view(n, ty, tx, _A, _A, c).copy_(
+        padded.as_strided((n, ty, tx, _A, _A, c), (sn, TILE * sh, TILE * sw, sh, sw, sc)))
+    v = torch.bmm(kin.expand(t, -1, -1), tiles, out=_buffer("b", (t, _A * _A, c), padded)).transpose(0, 1)  # (36, T, C)
     relu = relu or [False] * len(convs)
     outs = []
     for (u, ci, bias), act in zip(convs, relu):
         co = u.shape[2]
-        m = torch.bmm(v[:, :, :ci], u)  # (36, T, Co)
-        y = (kout @ m.view(_A * _A, -1)).view(TILE, TILE, n, ty, tx, co)
+        m = torch.bmm(v[:, :, :ci], u, out=_buffer("a", (_A * _A, t, co), padded))  # the tiles are dead
+        y = torch.mm(kout, m.view(_A * _A, -1), out=_buffer("c", (TILE * TILE, t * co), padded))
         out = torch.empty(n, co, ty * TILE, tx * TILE, dtype=padded.dtype, device=padded.device,
                           memory_format=torch.channels_last)
-        out.permute(0, 2, 3, 1).view(n, ty, TILE, tx, TILE, co).permute(2, 4, 0, 1, 3, 5).copy_(y)
+        out.permute(0, 2, 3, 1).view(n, ty, TILE, tx, TILE, co).permute(2, 4, 0, 1, 3, 5).copy_(
+            y.view(TILE, TILE, n, ty, tx, co))
         if (ty * TILE, tx * TILE) != (h, w):
             out = out[:, :, :h, :w].contiguous(memory_format=torch.channels_last)
         if bias is not None:
@@ -123,7 +168,7 @@ def winograd_conv2d_input_grad(grads, convs, size) -> torch.Tensor:
     kin, kout = _matrices(device)
     channels = max(ci for _, ci in convs)
     g_v = None
-    # The convolution reading all channels first: its product is the sum's fresh buffer.
+    # The convolution reading all channels first: its product starts the sum.
     for grad, (u, ci) in sorted(zip(grads, convs), key=lambda pair: -pair[1][1]):
         co = u.shape[2]
         if grad.dtype != torch.float32:
@@ -131,15 +176,18 @@ def winograd_conv2d_input_grad(grads, convs, size) -> torch.Tensor:
         if (h, w) != (ty * TILE, tx * TILE):
             grad = F.pad(grad, (0, tx * TILE - w, 0, ty * TILE - h))
         # (n, co, H, W) -> (16, tiles * co): the forward's output layout (row, column in the tile first)
-        g_y = grad.permute(0, 2, 3, 1).reshape(n, ty, TILE, tx, TILE, co).permute(2, 4, 0, 1, 3, 5)
-        g_m = (kout.t() @ g_y.reshape(TILE * TILE, tiles * co)).view(_A * _A, tiles, co)
-        product = torch.bmm(g_m, u.transpose(1, 2))  # (36, tiles, ci)
+        g_y = _buffer("a", (TILE * TILE, tiles * co), grad)
+        g_y.view(TILE, TILE, n, ty, tx, co).copy_(
+            grad.permute(0, 2, 3, 1).reshape(n, ty, TILE, tx, TILE, co).permute(2, 4, 0, 1, 3, 5))
+        g_m = torch.mm(kout.t(), g_y, out=_buffer("b", (_A * _A, tiles * co), grad)).view(_A * _A, tiles, co)
         if g_v is None:
-            g_v = product if ci == channels else torch.zeros(_A * _A, tiles, channels, dtype=torch.float32,
-                                                              device=device)
-        if g_v is not product:
-            g_v[:, :, :ci] += product
-    g_d = torch.matmul(kin.t(), g_v.transpose(0, 1)).view(n, ty, tx, _A, _A, channels)
+            if ci == channels:
+                g_v = torch.bmm(g_m, u.transpose(1, 2), out=_buffer("c", (_A * _A, tiles, ci), grad))
+                continue
+            g_v = _buffer("c", (_A * _A, tiles, channels), grad).zero_()
+        g_v[:, :, :ci] += torch.bmm(g_m, u.transpose(1, 2), out=_buffer("d", (_A * _A, tiles, ci), grad))
+    g_d = torch.bmm(kin.t().expand(tiles, -1, -1), g_v.transpose(0, 1),
+                    out=_buffer("a", (tiles, _A * _A, channels), grad)).view(n, ty, tx, _A, _A, channels)
     # NHWC, a whole tile larger than the padded input so that every tile's view is in range. The
     # tiles' own 4x4 parts cover rows and columns [0, 4 t) once: copied; the overlaps are added.
     out = torch.empty(n, TILE * ty + TILE, TILE * tx + TILE, channels, dtype=torch.float32, device=device)
