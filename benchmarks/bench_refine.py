@@ -4,7 +4,8 @@ One refinement per point, each in a fresh process (peak memory cannot be reset w
 the seeded demo big-lama (random weights, BatchNorm statistics calibrated on the demo scene,
 ``lama_fast.demo``), a size x size demo image with a big mask (the demo strokes and a central
 box, about 30% of the image), ``lama_fast.refine`` at LaMa's default settings unless told
-otherwise. Time is the wall time of the refine call; peak memory the growth of the process's
+otherwise. Time is the wall time of the refine call (and of each scale: ``scales`` in the JSON);
+peak memory the growth of the process's
 peak resident memory over it on the CPU (``VmHWM``, as ``ru_maxrss`` but not inherited from the
 parent; the optimized plan's folded weights, made at its first forward, included), and
 ``torch.cuda.max_memory_allocated`` on CUDA. bf16's result is compared with fp32's (PSNR in the
@@ -40,7 +41,8 @@ CHILD = r"""
 import json, sys, time
 import numpy as np
 import torch
-from lama_fast import optimize, refine
+from lama_fast import optimize
+from lama_fast.refinement import _refine
 from lama_fast.demo import demo_generator, demo_image, demo_mask
 from lama_fast.sweep import peak_rss
 
@@ -59,7 +61,7 @@ if device.type == "cuda":
 else:
     base = peak_rss()
 start = time.perf_counter()
-result = refine(image, mask, generator, n_iters=iters, min_side=min_side, devices=[device], progress=False)
+result, info = _refine(image, mask, generator, n_iters=iters, min_side=min_side, devices=[device], progress=False)
 if device.type == "cuda":
     torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
 else:
@@ -67,7 +69,8 @@ else:
 seconds = time.perf_counter() - start
 np.save(out, result)
 np.save(out + ".mask.npy", mask)
-print(json.dumps({"seconds": seconds, "peak_bytes": peak}))
+print(json.dumps({"seconds": seconds, "peak_bytes": peak, "scales": [
+    {"size": list(size), "seconds": t} for size, t in zip(info["sizes"], info["seconds"])]}))
 """
 
 
@@ -151,7 +154,8 @@ def main(argv=None) -> int:
             point.update(path=name, precision=precision)
             outputs[(name, precision)] = (image, mask)
             result["points"].append(point)
-            print(f"{name:>10} {precision:>9} {point['seconds']:>9.1f} {point['peak_bytes'] / 2**20:>9.0f}",
+            scales = ", ".join(f"{s['size'][0]}x{s['size'][1]} {s['seconds']:.1f} s" for s in point.get("scales", []))
+            print(f"{name:>10} {precision:>9} {point['seconds']:>9.1f} {point['peak_bytes'] / 2**20:>9.0f}  {scales}",
                   flush=True)
     by_key = {(p["path"], p["precision"]): p for p in result["points"]}
     ref, fp32 = by_key.get(("reference", "fp32")), by_key.get(("optimized", "fp32"))

@@ -10,8 +10,9 @@
    that literal command as the second step instead);
 4. every benchmark on cuda, eager and fused, at 512^2..4096^2 (generator: 512^2..2048^2) in
    fp32+TF32, bf16 and fp32 (TF32 off), in that order; then the end-to-end stages (the sweep of
-   ``lama-fast bench`` at 1024^2..4096^2, peak memory one pass and tiled up to 8192^2, the
-   per-kernel profile at 2048^2, folder throughput one by one against pipelined at 512^2..2048^2
+   ``lama-fast bench`` at 1024^2..4096^2, peak memory one pass and tiled up to 8192^2, LaMa's
+   refinement of a 1.8 MP image (time and peak memory, optimized bf16 and TF32 against the
+   reference), the per-kernel profile at 2048^2, folder throughput one by one against pipelined at 512^2..2048^2
    with batches 1, 4, 8); then torch.compile of the reference in fp32+TF32 with what time
    is left (inductor compiles take most of it);
 5. a markdown report (+ PNG if matplotlib is there) of the results.
@@ -228,7 +229,8 @@ def run_benches(log: Log, clock: Clock, args, results_path: Path, device: str) -
 
 def end_to_end(log: Log, clock: Clock, args) -> None:
     """What users run: the sweep (`lama-fast bench`: 1024² to 4096², no compile), peak memory one
-    pass and tiled (bench_memory.py), the per-step/per-kernel profile at 2048², Nsight Compute's
+    pass and tiled (bench_memory.py), LaMa's refinement at 1.8 MP (bench_refine.py), the
+    per-step/per-kernel profile at 2048², Nsight Compute's
     sections for the Triton kernels (ncu_ops.py), and folder throughput (bench_folder.py); each within
     its cap and skipped when the budget is short."""
     stages = [
@@ -236,6 +238,10 @@ def end_to_end(log: Log, clock: Clock, args) -> None:
                    "--sizes", *map(str, args.sweep_sizes), "--out", args.out], 150),
         ("memory", [sys.executable, str(HERE / "bench_memory.py"), "--device", "cuda", "--out", args.out,
                     "--points", "2048:bf16", "4096:bf16", "4096:tf32", "8192:bf16:1024"], 120),
+        # LaMa's refinement at its 1.8 MP budget (1340² = 1.796 MP): time and peak memory on one GPU
+        ("refine", [sys.executable, str(HERE / "bench_refine.py"), "--device", "cuda", "--size", "1340",
+                    "--points", "optimized:bf16", "optimized:tf32", "reference:fp32", "--timeout", "100",
+                    "--out", args.out], 240),
         ("profile", [sys.executable, str(HERE / "profile_gpu.py"), "--size", "2048", "--out", args.out], 150),
         ("ncu", [sys.executable, str(HERE / "ncu_ops.py"), "--out", args.out], 120),
         ("folder", [sys.executable, str(HERE / "bench_folder.py"), "--device", "cuda", "--precision", "bf16",
@@ -274,7 +280,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-sizes", type=int, nargs="+", default=[1024, 2048, 4096],
                         help="sizes of the end-to-end sweep (lama-fast bench)")
     parser.add_argument("--skip-end-to-end", nargs="*", default=[],
-                        choices=["sweep", "memory", "profile", "ncu", "folder"], help="leave out these end-to-end stages")
+                        choices=["sweep", "memory", "refine", "profile", "ncu", "folder"], help="leave out these end-to-end stages")
     parser.add_argument("--end-to-end-s", type=float, default=240,
                         help="seconds the per-op benchmarks leave for the end-to-end stages")
     parser.add_argument("--bench-s", type=float, default=200,

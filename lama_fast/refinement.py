@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 
 import numpy as np
@@ -301,8 +302,9 @@ def refine(image, mask, generator, *, n_iters: int = 15, lr: float = 0.002, min_
 
 def _refine(image, mask, generator, *, n_iters=15, lr=0.002, min_side=512, max_scales=3, px_budget=1_800_000,
             devices=None, pad_modulo=8, progress=True):
-    """``refine``, also returning a dict: ``sizes`` (each scale's H, W, coarsest first) and
-    ``losses`` (per finer scale, the loss at each iteration)."""
+    """``refine``, also returning a dict: ``sizes`` (each scale's H, W, coarsest first), ``losses``
+    (per finer scale, the loss at each iteration) and ``seconds`` (each scale's wall time, its
+    result back on the CPU)."""
     _check_options(n_iters, lr, min_side, max_scales, px_budget, pad_modulo)
     if not isinstance(generator, nn.Module):
         raise TypeError(f"generator must be a torch.nn.Module, got {type(generator).__name__}")
@@ -314,7 +316,7 @@ def _refine(image, mask, generator, *, n_iters=15, lr=0.002, min_side=512, max_s
     if image_f.shape[:2] != mask_b.shape:
         raise ValueError(f"image and mask sizes differ: image is {image_f.shape[0]}x{image_f.shape[1]} (HxW), "
                          f"mask is {mask_b.shape[0]}x{mask_b.shape[1]} (HxW)")
-    info = {"sizes": [], "losses": []}
+    info = {"sizes": [], "losses": [], "seconds": []}
     if not mask_b.any():
         warnings.warn("the mask sets no pixel, so there is nothing to inpaint and the image is returned unchanged",
                       UserWarning, stacklevel=3)
@@ -341,11 +343,13 @@ def _refine(image, mask, generator, *, n_iters=15, lr=0.002, min_side=512, max_s
             for index, (im, msk) in enumerate(zip(images, masks)):
                 size = tuple(im.shape[-2:])
                 info["sizes"].append(size)
+                start = time.perf_counter()
                 bar.set_description(f"refine scale {index + 1}/{len(images)} ({size[0]}x{size[1]})")
                 im = _pad_reflect(im, pad_modulo)
                 msk = (_pad_reflect(msk, pad_modulo) >= _EPS).float()
                 result, losses = _infer(im, msk, stages, result, size, kernel, n_iters, lr, bar)
                 result = result[:, :, :size[0], :size[1]]
+                info["seconds"].append(time.perf_counter() - start)
                 if losses:
                     info["losses"].append(losses)
     finally:
