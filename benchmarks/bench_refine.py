@@ -5,10 +5,9 @@ the seeded demo big-lama (random weights, BatchNorm statistics calibrated on the
 ``lama_fast.demo``), a size x size demo image with a big mask (the demo strokes and a central
 box, about 30% of the image), ``lama_fast.refine`` at LaMa's default settings unless told
 otherwise. Time is the wall time of the refine call (and of each scale: ``scales`` in the JSON);
-peak memory the growth of the process's
-peak resident memory over it on the CPU (``VmHWM``, as ``ru_maxrss`` but not inherited from the
-parent; the optimized plan's folded weights, made at its first forward, included), and
-``torch.cuda.max_memory_allocated`` on CUDA. bf16's result is compared with fp32's (PSNR in the
+peak memory the growth of the process's peak resident memory over it on the CPU (``VmHWM``, as
+``ru_maxrss`` but not inherited from the parent; the optimized plan's folded weights, made at its
+first forward, included), and ``torch.cuda.max_memory_allocated`` on CUDA. bf16's result is compared with fp32's (PSNR in the
 mask, max abs difference on 0-255).
 
     python benchmarks/bench_refine.py                                  # 768², default settings, CPU

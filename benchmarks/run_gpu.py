@@ -12,8 +12,8 @@
    fp32+TF32, bf16 and fp32 (TF32 off), in that order; then the end-to-end stages (the sweep of
    ``lama-fast bench`` at 1024^2..4096^2, peak memory one pass and tiled up to 8192^2, LaMa's
    refinement of a 1.8 MP image (time and peak memory, optimized bf16 and TF32 against the
-   reference), the per-kernel profile at 2048^2, folder throughput one by one against pipelined at 512^2..2048^2
-   with batches 1, 4, 8); then torch.compile of the reference in fp32+TF32 with what time
+   reference), the per-kernel profile at 2048^2, folder throughput one by one against pipelined
+   at 512^2..2048^2 with batches 1, 4, 8); then torch.compile of the reference in fp32+TF32 with what time
    is left (inductor compiles take most of it);
 5. a markdown report (+ PNG if matplotlib is there) of the results.
 
@@ -280,7 +280,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-sizes", type=int, nargs="+", default=[1024, 2048, 4096],
                         help="sizes of the end-to-end sweep (lama-fast bench)")
     parser.add_argument("--skip-end-to-end", nargs="*", default=[],
-                        choices=["sweep", "memory", "refine", "profile", "ncu", "folder"], help="leave out these end-to-end stages")
+                        choices=["sweep", "memory", "refine", "profile", "ncu", "folder"],
+                        help="leave out these end-to-end stages")
     parser.add_argument("--end-to-end-s", type=float, default=240,
                         help="seconds the per-op benchmarks leave for the end-to-end stages")
     parser.add_argument("--bench-s", type=float, default=200,

@@ -249,15 +249,8 @@ class _FrozenConv(torch.autograd.Function):
         if conv.transposed:  # the input gradient of a transposed convolution is the convolution
             return F.conv2d(grad, conv.weight, None, conv.stride, conv.padding, conv.dilation), None, None
         pad = conv.reflect
-        (kh, kw), (dh, dw), (ph, pw) = conv.weight.shape[-2:], conv.dilation, conv.padding
-        if tuple(conv.stride) == (1, 1) and ph <= dh * (kh - 1) and pw <= dw * (kw - 1):
-            # Stride 1: the adjoint is the convolution by the flipped, transposed kernel, which
-            # oneDNN runs as a forward convolution (3.5x its backward-data for LaMa's last layer).
-            flipped = conv.weight.flip(2, 3).transpose(0, 1).contiguous(memory_format=_CL)
-            g_in = dense.conv2d(grad, flipped, None, (1, 1), (dh * (kh - 1) - ph, dw * (kw - 1) - pw), conv.dilation)
-        else:
-            g_in = torch.nn.grad.conv2d_input((n, ci, h + 2 * pad, w + 2 * pad), conv.weight, grad, conv.stride,
-                                              conv.padding, conv.dilation)
+        g_in = dense.conv2d_input((n, ci, h + 2 * pad, w + 2 * pad), conv.weight, grad, conv.stride, conv.padding,
+                                  conv.dilation)
         return (dense.reflect_pad_adjoint(g_in, pad, overwrite=True) if pad else g_in), None, None
 
 
@@ -365,9 +358,9 @@ class _SpectralFFC:
             w_local = local.weight if self.merged else torch.cat([self.l2l.weight, self.g2l.weight], dim=1)
             reflect = local.reflect
             padded = (shapes[0][0], w_local.shape[1], h + 2 * reflect, w + 2 * reflect)
-            d_pad = torch.nn.grad.conv2d_input(padded, w_local, g_l, local.stride, local.padding, local.dilation)
-            d_pad[:, :cl] += torch.nn.grad.conv2d_input((padded[0], cl, *padded[2:]), l2g.weight, g_g, l2g.stride,
-                                                        l2g.padding, l2g.dilation)
+            d_pad = dense.conv2d_input(padded, w_local, g_l, local.stride, local.padding, local.dilation)
+            d_pad[:, :cl] += dense.conv2d_input((padded[0], cl, *padded[2:]), l2g.weight, g_g, l2g.stride,
+                                                l2g.padding, l2g.dilation)
         d_in = dense.reflect_pad_adjoint(d_pad, reflect, overwrite=True) if reflect else d_pad
         if masks is not None:
             w1, _, w_fu, _, w2 = self._gemm_operands(h, w)

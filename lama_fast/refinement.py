@@ -62,16 +62,15 @@ _EROSION_SIZE = 15
 
 # ------------------------------------------------------------------------------ pyramid and masks
 
-def _gaussian_kernel5(device, dtype) -> torch.Tensor:
+def _gaussian_taps5() -> list[float]:
     """The 5-tap Gaussian of sigma 1 (kornia's ``gaussian_blur2d((5, 5), (1.0, 1.0))`` factors)."""
-    x = torch.arange(-2, 3, dtype=torch.float64)
-    k = torch.exp(-x * x / 2)
-    return (k / k.sum()).to(device=device, dtype=dtype)
+    k = [math.exp(-x * x / 2) for x in range(-2, 3)]
+    return [v / sum(k) for v in k]
 
 
 def gaussian_blur5(x: torch.Tensor) -> torch.Tensor:
     """Gaussian blur, 5x5, sigma 1, reflected border (torch's ``reflect``), of N x C x H x W."""
-    k = _gaussian_kernel5(torch.device("cpu"), torch.float64).tolist()
+    k = _gaussian_taps5()
     h, w = x.shape[-2:]
     # Separable, as weighted sums of shifted views: a one-channel convolution would unfold 5 copies of x.
     y = F.pad(x, (2, 2, 2, 2), mode="reflect")

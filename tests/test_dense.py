@@ -144,3 +144,20 @@ def test_reflect_conv2d_under_autograd_pads_once(monkeypatch):
     ref = x.clone().requires_grad_()
     F.conv2d(F.pad(ref, (1,) * 4, mode="reflect"), weight).relu().sum().backward()
     torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride, padding, dilation", [((1, 1), (0, 0), (1, 1)), ((1, 1), (1, 2), (1, 1)),
+                                                       ((1, 1), (1, 1), (2, 1)), ((2, 2), (1, 1), (1, 1))])
+def test_conv2d_input_is_the_convolutions_input_gradient(dtype, stride, padding, dilation):
+    """dense.conv2d_input (the flipped-kernel forward convolution on oneDNN at stride 1, torch's
+    transposed convolution otherwise) against autograd of conv2d, fp32 through oneDNN and fp64."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 6, 17, 15, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(5, 6, 3, 3, generator=g, dtype=dtype)
+    y = F.conv2d(x, weight, None, stride, padding, dilation)
+    grad = torch.randn(y.shape, generator=g, dtype=dtype)
+    y.backward(grad)
+    got = dense.conv2d_input(x.shape, weight, grad.contiguous(memory_format=CL), stride, padding, dilation)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, x.grad, rtol=1e-5, atol=1e-5)

@@ -38,6 +38,7 @@ tiles, write 2.25 CP) and the output transform (2.25 Co P read, Co P written).
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import torch
@@ -76,9 +77,7 @@ def workspace():
 def _buffer(slot: str, shape, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised fp32 tensor of ``shape``: a view of ``slot``'s buffer inside ``workspace()``,
     grown as needed, else a fresh one. A slot's previous contents are dead when it is asked again."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     if getattr(_local, "depth", 0) == 0:
         return torch.empty(shape, dtype=torch.float32, device=like.device)
     key = (slot, like.device)
@@ -128,7 +127,8 @@ def winograd_conv2d(padded: torch.Tensor, convs, *, relu=None) -> list[torch.Ten
     tiles = _buffer("a", (t, _A * _A, c), padded)
     tiles.view(n, ty, tx, _A, _A, c).copy_(
         padded.as_strided((n, ty, tx, _A, _A, c), (sn, TILE * sh, TILE * sw, sh, sw, sc)))
-    v = torch.bmm(kin.expand(t, -1, -1), tiles, out=_buffer("b", (t, _A * _A, c), padded)).transpose(0, 1)  # (36, T, C)
+    v = torch.bmm(kin.expand(t, -1, -1), tiles, out=_buffer("b", (t, _A * _A, c), padded))
+    v = v.transpose(0, 1)  # (36, T, C) view
     relu = relu or [False] * len(convs)
     outs = []
     for (u, ci, bias), act in zip(convs, relu):
